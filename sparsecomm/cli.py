@@ -1,0 +1,36 @@
+"""The `sparsecomm` command. Each subcommand is a module with `add_arguments(parser)` and
+`run(args) -> exit code`, registered in COMMANDS; heavy imports happen inside `run`.
+
+    sparsecomm demo            # compression pipeline on a GPT-2-124M-sized update
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("sparsecomm.pipeline_demo", "select, encode and decode a GPT-2-124M-sized update; print bytes and times"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecomm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._module.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Error feedback: nothing the selector drops is lost, it is sent later.
+
+    e = ef.compensate(name, u)      # residual += u; returns the live buffer e
+    d = selector.select(e, k)       # what to send ...
+    d = roundtrip_values(d, "bf16") # ... exactly as receivers will decode it
+    ef.update(name, d)              # residual = e - d
+
+Conservation is exact, bit for bit, at every step: after `update`, residual + dense(d) equals
+the compensated buffer e. For lossless values the sent positions become exactly zero; for
+lossy codecs (bf16, fp16, int8) the residual keeps e - q(e), which is computed exactly in
+floating point because q(e) is within a factor of two of e (Sterbenz), so adding it back gives e.
+(Across steps, `residual += u` itself rounds like any fp32 accumulation.)
+
+The residual must wrap the quantity that is actually compressed: in ASPG that is the Adam-style
+update, after normalisation, not the raw gradient (1-bit Adam's lesson).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..delta import SparseDelta
+
+
+class ErrorFeedback:
+    """Per-tensor residual buffers, keyed by name."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype  # residuals accumulate many small updates: keep them in fp32
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def compensate(self, name: str, update: torch.Tensor) -> torch.Tensor:
+        """residual += update; return the residual buffer itself (not a copy)."""
+        r = self.residuals.get(name)
+        if r is None:
+            r = self.residuals[name] = update.detach().to(self.dtype).clone()
+        elif r.shape != update.shape:
+            raise ValueError(f"{name}: update shape {tuple(update.shape)} != residual shape {tuple(r.shape)}")
+        else:
+            r.add_(update.detach().to(self.dtype))
+        return r
+
+    def update(self, name: str, sent: SparseDelta) -> None:
+        """Subtract what was sent (as the receivers decode it) from the residual."""
+        r = self.residuals[name]
+        if tuple(r.shape) != sent.shape:
+            raise ValueError(f"{name}: sent shape {sent.shape} != residual shape {tuple(r.shape)}")
+        flat = r.view(-1)
+        idx = sent.indices.to(flat.device)
+        flat[idx] = flat[idx] - sent.values.to(flat.device, self.dtype)
+
+    def residual(self, name: str) -> torch.Tensor:
+        return self.residuals[name]
+
+    def state_dict(self) -> dict:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "residuals": {k: v.clone() for k, v in self.residuals.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dtype = getattr(torch, state["dtype"])
+        self.residuals = {k: v.detach().to(self.dtype).clone() for k, v in state["residuals"].items()}

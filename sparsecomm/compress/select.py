@@ -1,0 +1,236 @@
+"""Selectors: pick k entries of a tensor to send.
+
+All selectors share one interface, `select(x, k, score=None) -> SparseDelta`: entries are
+ranked by `score` (default |x|; ASPG passes an importance score such as an EMA of |grad|) and
+the delta carries x's values at the chosen positions, indices sorted.
+
+| name      | what                                                          | count        |
+|-----------|---------------------------------------------------------------|--------------|
+| topk      | `torch.topk` over the whole tensor: the reference             | exactly k    |
+| sampled   | DGC-style (arXiv 1712.01887): estimate the threshold from a   | k..k(1+tol)  |
+|           | random sample, select by comparison, refine                   |              |
+| chunked   | a budget per fixed-size chunk (`topk` along rows)             | ~k           |
+| randomk   | uniform random positions: a control, not a compressor         | exactly k    |
+
+Why `sampled` is both fast and accurate: the sample threshold is aimed a few standard errors
+*above* k entries, so the candidate set {|x| >= thr} almost always holds at least k entries, and
+then it contains the exact top-k (the k-th largest value is >= thr). If the candidate count is
+within `tolerance` of k they are all sent (the captured mass can only be >= the exact top-k's);
+otherwise `torch.topk` over the few candidates yields the exact top-k. Only when the sample
+undershoots (fewer than k candidates) is the threshold lowered and the pass repeated, at most
+`max_rounds` times before falling back to the exact selector. The full-size pass runs in
+cache-sized chunks, which is what makes it ~15x cheaper than `torch.topk` on a 2-core CPU.
+
+`select_model` applies a selector to a whole model's tensors, with one global budget (the
+largest entries anywhere win) or one budget per tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Protocol
+
+import torch
+
+from ..delta import SparseDelta
+
+
+def k_for(numel: int, density: float) -> int:
+    """Entries to keep for a density in [0, 1]; at least one if density > 0 and numel > 0."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    if numel == 0 or density == 0.0:
+        return 0
+    return min(numel, max(1, round(density * numel)))
+
+
+def _delta(x: torch.Tensor, idx: torch.Tensor) -> SparseDelta:
+    idx, _ = torch.sort(idx)
+    return SparseDelta(idx, x.reshape(-1)[idx], tuple(x.shape), x.dtype)
+
+
+class Selector(Protocol):
+    name: str
+
+    def select(self, x: torch.Tensor, k: int, score: torch.Tensor | None = None) -> SparseDelta: ...
+
+
+def _check(x: torch.Tensor, k: int, score: torch.Tensor | None) -> torch.Tensor:
+    if not 0 <= k <= x.numel():
+        raise ValueError(f"k={k} outside [0, numel={x.numel()}]")
+    if score is not None and score.shape != x.shape:
+        raise ValueError(f"score shape {tuple(score.shape)} does not match tensor shape {tuple(x.shape)}")
+    s = x if score is None else score
+    return s.detach().reshape(-1)
+
+
+class TopK:
+    """Exact top-k by |x| (or by score) with `torch.topk`."""
+
+    name = "topk"
+
+    def select(self, x, k, score=None):
+        s = _check(x, k, score)
+        if k == x.numel():
+            return SparseDelta(torch.arange(k, device=x.device), x.reshape(-1).clone(), tuple(x.shape), x.dtype)
+        ranked = s.abs() if score is None else s
+        return _delta(x, torch.topk(ranked, k, sorted=False).indices)
+
+
+class SampledThreshold:
+    """DGC-style top-k: sampled threshold, compare, refine (see the module docstring)."""
+
+    name = "sampled"
+
+    def __init__(self, sample_fraction: float = 1e-3, min_sample: int = 1024, tolerance: float = 0.05,
+                 max_rounds: int = 3, chunk_numel: int = 1 << 20, seed: int = 0):
+        if not 0 < sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {sample_fraction}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        if max_rounds < 1 or chunk_numel < 1 or min_sample < 1:
+            raise ValueError("max_rounds, chunk_numel and min_sample must be >= 1")
+        self.sample_fraction, self.min_sample, self.tolerance = sample_fraction, min_sample, tolerance
+        self.max_rounds, self.chunk_numel = max_rounds, chunk_numel
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rounds_used = 0  # rounds the last call needed (0: exact fallback on a small tensor)
+
+    def _candidates(self, s: torch.Tensor, thr: float, use_abs: bool) -> torch.Tensor:
+        if s.device.type != "cpu":
+            return torch.nonzero((s.abs() if use_abs else s) >= thr).squeeze(1)
+        # Chunks that fit in cache: abs, compare and nonzero each touch memory once.
+        outs, c = [], self.chunk_numel
+        buf = torch.empty(min(c, s.numel()), dtype=s.dtype)
+        for start in range(0, s.numel(), c):
+            part = s[start:start + c]
+            ranked = torch.abs(part, out=buf[:part.numel()]) if use_abs else part
+            outs.append(torch.nonzero(ranked >= thr).squeeze(1) + start)
+        return torch.cat(outs)
+
+    def select(self, x, k, score=None):
+        s = _check(x, k, score)
+        n, use_abs = s.numel(), score is None
+        m = min(n, max(self.min_sample, int(n * self.sample_fraction)))
+        if k == 0 or k == n or m >= n // 2:  # tiny tensors: the exact path is as cheap
+            self.rounds_used = 0
+            return TopK().select(x, k, score)
+        sample = s[torch.randint(n, (m,), generator=self.generator).to(s.device)]
+        sample = (sample.abs() if use_abs else sample).float()
+        target = float(k)
+        for r in range(1, self.max_rounds + 1):
+            # aim 2.5 standard errors of the sampled count above the target
+            hits = max(target * m / n, 1.0)
+            j = min(m, math.ceil(hits * (1.0 + 2.5 / math.sqrt(hits))))
+            thr = float(torch.topk(sample, j, sorted=False).values.min())
+            cand = self._candidates(s, thr, use_abs)
+            c = cand.numel()
+            if c >= k:
+                self.rounds_used = r
+                if c > k * (1.0 + self.tolerance):
+                    ranked = s[cand].abs() if use_abs else s[cand]
+                    cand = cand[torch.topk(ranked, k, sorted=False).indices]
+                return _delta(x, cand)
+            target = target * k / max(c, 1) * 1.1  # undershot: lower the threshold and retry
+            if thr <= 0.0:
+                break
+        self.rounds_used = self.max_rounds + 1
+        return TopK().select(x, k, score)
+
+
+class ChunkedTopK:
+    """A fixed budget in every `chunk_numel`-sized chunk: ceil(k * chunk / numel) entries each."""
+
+    name = "chunked"
+
+    def __init__(self, chunk_numel: int = 4096):
+        if chunk_numel < 1:
+            raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+        self.chunk_numel = chunk_numel
+
+    def select(self, x, k, score=None):
+        s = _check(x, k, score)
+        n, c = s.numel(), self.chunk_numel
+        if k == 0 or k == n or n <= c:
+            return TopK().select(x, k, score)
+        ranked = s.abs() if score is None else s
+        per_chunk = min(c, math.ceil(k * c / n))
+        full = n // c
+        parts = [torch.topk(ranked[:full * c].view(full, c), per_chunk, dim=1, sorted=False).indices
+                 + torch.arange(0, full * c, c, device=s.device).unsqueeze(1)]
+        tail = n - full * c
+        k_tail = min(tail, round(per_chunk * tail / c))
+        if k_tail:
+            parts.append(torch.topk(ranked[full * c:], k_tail, sorted=False).indices + full * c)
+        return _delta(x, torch.cat([p.reshape(-1) for p in parts]))
+
+
+class RandomK:
+    """k uniformly random distinct positions (ignores score): the control for top-k."""
+
+    name = "randomk"
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def select(self, x, k, score=None):
+        _check(x, k, score)
+        n = x.numel()
+        if 2 * k >= n:
+            idx = torch.randperm(n, generator=self.generator)[:k]
+        else:  # draw with replacement and deduplicate: O(k) memory, not O(n)
+            idx = torch.empty(0, dtype=torch.int64)
+            for _ in range(64):
+                extra = torch.randint(n, (int((k - idx.numel()) * 1.1) + 16,), generator=self.generator)
+                idx = torch.unique(torch.cat([idx, extra]))
+                if idx.numel() >= k:
+                    break
+            idx = idx[torch.randperm(idx.numel(), generator=self.generator)[:k]]
+        return _delta(x, idx.to(x.device))
+
+
+SELECTORS: dict[str, Callable[..., Selector]] = {
+    "topk": TopK, "sampled": SampledThreshold, "chunked": ChunkedTopK, "randomk": RandomK,
+}
+
+
+def make_selector(name: str, **kwargs) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")
+    return SELECTORS[name](**kwargs)
+
+
+def split_flat(flat: SparseDelta, layout: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict[str, SparseDelta]:
+    """Cut a delta over a flat concatenation into per-tensor deltas.
+
+    `layout` maps name -> (offset, shape) in concatenation order.
+    """
+    names = list(layout)
+    offsets = torch.tensor([layout[nm][0] for nm in names] + [flat.numel], dtype=torch.int64)
+    bounds = torch.searchsorted(flat.indices, offsets.to(flat.indices.device)).tolist()
+    out = {}
+    for i, nm in enumerate(names):
+        lo, hi = bounds[i], bounds[i + 1]
+        off, shape = layout[nm]
+        out[nm] = SparseDelta(flat.indices[lo:hi] - off, flat.values[lo:hi], tuple(shape), flat.dtype,
+                              step=flat.step, base_version=flat.base_version)
+    return out
+
+
+def select_model(tensors: Mapping[str, torch.Tensor], density: float, selector: Selector,
+                 budget: str = "global", scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, SparseDelta]:
+    """Select from a whole model: one `global` budget of density * total, or one per tensor.
+
+    The global budget concatenates the tensors (one temporary copy of the model); callers that
+    already keep a flat buffer (the ASPG optimizer) select on it directly and `split_flat`.
+    """
+    if budget == "per_tensor":
+        return {nm: selector.select(t, k_for(t.numel(), density), None if scores is None else scores[nm])
+                for nm, t in tensors.items()}
+    if budget != "global":
+        raise ValueError(f"budget must be 'global' or 'per_tensor', got {budget!r}")
+    layout, off = {}, 0
+    for nm, t in tensors.items():
+        layout[nm] = (off, tuple(t.shape))
+        off += t.numel()
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors.values()]) if tensors else torch.empty(0)
+    flat_score = None if scores is None else torch.cat([scores[nm].reshape(-1) for nm in tensors])
+    return split_flat(selector.select(flat, k_for(flat.numel(), density), flat_score), layout)

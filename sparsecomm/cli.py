@@ -2,6 +2,7 @@
 `run(args) -> exit code`, registered in COMMANDS; heavy imports happen inside `run`.
 
     sparsecomm demo            # compression pipeline on a GPT-2-124M-sized update
+    sparsecomm report RUN_DIR  # figures + summary.md from a run's StepStats JSONL
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sparsecomm.pipeline_demo", "select, encode and decode a GPT-2-124M-sized update; print bytes and times"),
+    "report": ("sparsecomm.track.report", "turn a run directory's StepStats JSONL into PNG figures and a Markdown summary"),
 }
 
 

@@ -1,0 +1,94 @@
+"""Transport: how workers' sparse deltas become one aggregate that every replica applies.
+
+A transport has two operations, both collective (every worker calls them, in the same order):
+
+    all_gather_bytes(payload) -> [payload of rank 0, ..., payload of rank P-1]
+    all_reduce_mean_(flat)    -> flat becomes the mean over workers, in place
+
+`aggregate_mean` turns the gathered messages into one sparse mean delta deterministically:
+every rank decodes the same bytes in rank order and adds each worker's (duplicate-free)
+indices in turn, so every replica computes the same bits.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from ..codec import CodecError, decode
+from ..delta import SparseDelta
+
+
+class Transport(Protocol):
+    world_size: int
+    rank: int
+
+    def all_gather_bytes(self, payload: bytes) -> list[memoryview]: ...
+
+    def all_reduce_mean_(self, flat: torch.Tensor) -> None: ...
+
+    def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int: ...
+
+
+class LocalTransport:
+    """One worker: no communication (ASPG degenerates to a sparse local optimizer)."""
+
+    world_size, rank = 1, 0
+
+    def all_gather_bytes(self, payload: bytes) -> list[memoryview]:
+        return [memoryview(payload)]
+
+    def all_reduce_mean_(self, flat: torch.Tensor) -> None:
+        pass
+
+    def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int:
+        return 0
+
+
+def aggregate_mean(payloads: Sequence[memoryview | bytes], numel: int, device=None) -> SparseDelta:
+    """Decode every worker's message and average them: a sparse delta over the union of indices."""
+    deltas = []
+    for r, buf in enumerate(payloads):
+        try:
+            d = decode(buf)
+        except CodecError as e:
+            raise CodecError(f"message from rank {r}: {e}") from None
+        if d.shape != (numel,):
+            raise CodecError(f"message from rank {r} has shape {d.shape}, expected ({numel},)")
+        deltas.append(d)
+    idx_all = torch.cat([d.indices for d in deltas])
+    union, inverse = torch.unique(idx_all, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=torch.float32)
+    start = 0
+    for d in deltas:  # rank order; indices unique within one worker -> deterministic index_add_
+        summed.index_add_(0, inverse[start:start + d.k], d.values.to(torch.float32))
+        start += d.k
+    summed.div_(len(deltas))
+    if device is not None:
+        union, summed = union.to(device), summed.to(device)
+    return SparseDelta(union, summed, (numel,), torch.float32)
+
+
+HEADER_BYTES = 160  # framing + msgpack header of a one-tensor message, for the volume prediction
+
+
+def choose_path(numel: int, density: float, world_size: int, value_bytes: int, dense_fallback: bool = True,
+                margin: float = 1.0) -> str:
+    """'dense' or 'sparse' for one exchange, from sizes alone, so every rank decides the same.
+
+    Sparse all-gather volume per worker (P-1) x (k x bytes/entry + header), with bytes/entry from
+    the index information floor plus the value size, against the ring all-reduce's
+    2 (P-1)/P x numel x 4 bytes (SparCML's switch). Density 1 is always dense.
+    """
+    from ..codec import information_floor_bits
+    from ..compress import k_for
+    from ..track.comm import ring_allreduce_bytes
+
+    if density >= 1.0:
+        return "dense"
+    if not dense_fallback or world_size == 1:
+        return "sparse"
+    k = k_for(numel, density)
+    bytes_per_entry = information_floor_bits(numel, k) / max(k, 1) / 8 + value_bytes
+    sparse = (world_size - 1) * (k * bytes_per_entry + HEADER_BYTES)
+    return "dense" if sparse > margin * ring_allreduce_bytes(numel, 4, world_size) else "sparse"

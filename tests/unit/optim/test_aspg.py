@@ -1,0 +1,166 @@
+"""ASPG single process: AdamW at density 1, error feedback conservation, options, exact resume."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsecomm.exchange import choose_path
+from sparsecomm.optim import ASPG
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)) for _ in range(n)]
+
+
+def train(m, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_density_one_matches_adamw(wd):
+    a, b = model(), model()
+    ref = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=wd)
+    opt = ASPG(b.parameters(), lr=1e-2, weight_decay=wd, density=1.0)
+    data = batches(20)
+    train(a, ref, data)
+    train(b, opt, data)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7)
+    assert opt.last_metrics["comm/path"] == "dense"
+
+
+def fixed_grad_run(density, steps=15, **kw):
+    """Gradients that do not depend on the weights: Adam's updates are the same whatever is applied."""
+    p = nn.Parameter(torch.zeros(1000))
+    opt = ASPG([p], lr=1e-2, density=density, value_codec="fp32", **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        p.grad = torch.randn(1000, generator=g)
+        opt.step()
+    return p.detach(), opt
+
+
+def test_nothing_is_lost_weights_plus_residual_equal_dense():
+    dense, _ = fixed_grad_run(1.0)
+    sparse, opt = fixed_grad_run(0.05)
+    assert opt.last_metrics["comm/path"] == "sparse" and opt.last_metrics["comm/k"] == 50
+    changed = int(torch.count_nonzero(sparse))
+    assert changed < 1000  # the update really was sparse
+    torch.testing.assert_close(sparse + opt.ef.residuals["flat"], dense, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value_codec", ["bf16", "int8"])
+def test_lossy_values_are_compensated(value_codec):
+    dense, _ = fixed_grad_run(1.0)
+    p = nn.Parameter(torch.zeros(1000))
+    opt = ASPG([p], lr=1e-2, density=0.05, value_codec=value_codec)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        p.grad = torch.randn(1000, generator=g)
+        opt.step()
+    torch.testing.assert_close(p.detach() + opt.ef.residuals["flat"], dense, rtol=1e-5, atol=1e-6)
+
+
+def test_global_and_per_tensor_budgets():
+    m = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 1))
+    for budget in ("global", "per_tensor"):
+        opt = ASPG(m.parameters(), density=0.1, budget=budget, selector="topk")
+        m(torch.randn(3, 100)).sum().backward()
+        opt.step()
+        total = sum(p.numel() for p in m.parameters())
+        if budget == "per_tensor":
+            assert opt.last_metrics["comm/k"] == sum(round(0.1 * p.numel()) or 1 for p in m.parameters())
+        else:
+            assert opt.last_metrics["comm/k"] == round(0.1 * total)
+
+
+def test_warmup_is_dense_then_sparse():
+    _, opt = fixed_grad_run(0.01, steps=3, warmup_steps=2)
+    assert opt.last_metrics["comm/path"] == "sparse"
+    _, opt = fixed_grad_run(0.01, steps=2, warmup_steps=2)
+    assert opt.last_metrics["comm/path"] == "dense"
+
+
+def test_local_steps_exchange_every_h():
+    p = nn.Parameter(torch.zeros(100))
+    opt = ASPG([p], lr=1e-2, density=0.1, local_steps=3)
+    seen = []
+    for _ in range(6):
+        p.grad = torch.ones(100)
+        opt.step()
+        seen.append("comm/path" in opt.last_metrics)
+    assert seen == [False, False, True, False, False, True] and opt.version == 2
+
+
+def test_adaptive_density_captures_the_mass():
+    p = nn.Parameter(torch.zeros(10_000))
+    opt = ASPG([p], density=0.5, adaptive_epsilon=0.1, min_density=0.001, max_density=0.5)
+    grad = torch.zeros(10_000)
+    grad[:100] = 1.0  # Adam's first update is ~lr * sign(g): all mass on 100 entries
+    p.grad = grad
+    opt.step()
+    assert 0.001 <= opt.last_metrics["comm/density"] <= 0.02
+
+
+@pytest.mark.parametrize("importance", ["ema_grad", "random"])
+def test_other_importance_rules_run(importance):
+    m = model()
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.1, importance=importance)
+    train(m, opt, batches(3))
+    assert opt.last_metrics["comm/path"] == "sparse"
+
+
+def test_exact_resume():
+    data = batches(10)
+    m1 = model()
+    o1 = ASPG(m1.parameters(), lr=1e-2, density=0.05, importance="ema_grad", adaptive_epsilon=0.2)
+    train(m1, o1, data[:5])
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    train(m1, o1, data[5:])
+
+    m2 = model(seed=123)
+    o2 = ASPG(m2.parameters(), lr=1e-2, density=0.05, importance="ema_grad", adaptive_epsilon=0.2)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    train(m2, o2, data[5:])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(o1.ef.residuals["flat"], o2.ef.residuals["flat"])
+    assert o1.version == o2.version == 10
+
+
+def test_resume_with_other_options_is_refused():
+    m = model()
+    o = ASPG(m.parameters(), density=0.05)
+    with pytest.raises(ValueError, match="options"):
+        ASPG(m.parameters(), density=0.1).load_state_dict(o.state_dict())
+
+
+def test_bad_config():
+    ps = list(model().parameters())
+    for kw in ({"density": 0}, {"density": 1.5}, {"budget": "layer"}, {"importance": "vibes"}, {"local_steps": 0},
+               {"value_codec": "fp8"}, {"adaptive_epsilon": 2.0}, {"lr": -1}):
+        with pytest.raises(ValueError):
+            ASPG(ps, **kw)
+
+
+def test_switch_rule():
+    n = 124_439_808
+    assert choose_path(n, 0.01, 8, 2) == "sparse"
+    # bf16 values + ~3 index bits: 7 x 0.3 x 2.4 B = 5.0 B/param < ring 2 x 7/8 x 4 B = 7 B/param
+    assert choose_path(n, 0.3, 8, 2) == "sparse"
+    assert choose_path(n, 0.5, 8, 2) == "dense"  # 7 x 0.5 x 2.25 = 7.9 B/param > 7 B/param
+    # fp32 values: sparse wins while density x (4 + index bytes) < 2/P x ... i.e. below ~0.23 at P=8
+    assert choose_path(n, 0.2, 8, 4) == "sparse" and choose_path(n, 0.25, 8, 4) == "dense"
+    assert choose_path(n, 0.5, 8, 2, dense_fallback=False) == "sparse"
+    assert choose_path(n, 1.0, 1, 2) == "dense" and choose_path(n, 0.5, 1, 2) == "sparse"

@@ -1,7 +1,7 @@
 """Exchange layer: transports that turn every worker's sparse delta into one shared aggregate."""
-from .base import LocalTransport, Transport, aggregate_mean, choose_path
+from .base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, aggregate_mean, choose_path
 
-__all__ = ["LocalTransport", "Transport", "aggregate_mean", "choose_path", "TorchDistTransport", "SparseHookState",
+__all__ = ["SWITCH_POLICIES", "PathChooser", "LocalTransport", "Transport", "aggregate_mean", "choose_path", "TorchDistTransport", "SparseHookState",
            "sparse_topk_hook"]
 
 

@@ -29,6 +29,8 @@ class Transport(Protocol):
 
     def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int: ...
 
+    def max_over_ranks(self, value: float) -> float: ...
+
 
 class LocalTransport:
     """One worker: no communication (ASPG degenerates to a sparse local optimizer)."""
@@ -43,6 +45,9 @@ class LocalTransport:
 
     def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int:
         return 0
+
+    def max_over_ranks(self, value: float) -> float:
+        return value
 
 
 def aggregate_mean(payloads: Sequence[memoryview | bytes], numel: int, device=None) -> SparseDelta:
@@ -92,3 +97,54 @@ def choose_path(numel: int, density: float, world_size: int, value_bytes: int, d
     bytes_per_entry = information_floor_bits(numel, k) / max(k, 1) / 8 + value_bytes
     sparse = (world_size - 1) * (k * bytes_per_entry + HEADER_BYTES)
     return "dense" if sparse > margin * ring_allreduce_bytes(numel, 4, world_size) else "sparse"
+
+
+SWITCH_POLICIES = ("volume", "measured")
+
+
+class PathChooser:
+    """Picks 'sparse' or 'dense' for each exchange, identically on every rank.
+
+    volume    `choose_path`: bytes alone. Deterministic, so runs and resumes are reproducible.
+    measured  bytes first (dense whenever it also moves fewer bytes), then wall-clock: both paths
+              are timed (max over ranks, so every rank holds the same numbers), the faster one is
+              used, and the other is re-probed every `probe_every` exchanges. This is what keeps a
+              sparse exchange from losing on fast links, where selection and coding cost more than
+              the bytes they save. Decisions depend on timings: not bit-reproducible across runs.
+    Both paths are valid exchanges (dense sends everything), so probing never changes what
+    training can reach, only how fast.
+    """
+
+    def __init__(self, policy: str = "volume", dense_fallback: bool = True, margin: float = 1.0,
+                 probe_every: int = 50, ema: float = 0.5):
+        if policy not in SWITCH_POLICIES:
+            raise ValueError(f"switch policy must be one of {SWITCH_POLICIES}, got {policy!r}")
+        if probe_every < 2 or margin <= 0 or not 0 < ema <= 1:
+            raise ValueError("need probe_every >= 2, margin > 0, 0 < ema <= 1")
+        self.policy, self.dense_fallback, self.margin, self.probe_every, self.ema = policy, dense_fallback, margin, probe_every, ema
+        self.time_s: dict[str, float] = {}
+        self.decisions = 0
+
+    def choose(self, numel: int, density: float, world_size: int, value_bytes: int) -> str:
+        by_volume = choose_path(numel, density, world_size, value_bytes, self.dense_fallback, self.margin)
+        if self.policy == "volume" or by_volume == "dense" or not self.dense_fallback or world_size == 1:
+            return by_volume
+        self.decisions += 1
+        for path in ("sparse", "dense"):
+            if path not in self.time_s:
+                return path  # probe each path once
+        best = "dense" if self.time_s["dense"] * self.margin < self.time_s["sparse"] else "sparse"
+        if self.decisions % self.probe_every == 0:
+            return "sparse" if best == "dense" else "dense"  # re-probe the other path
+        return best
+
+    def observe(self, path: str, seconds: float) -> None:
+        """Record an exchange's wall-clock (already the max over ranks)."""
+        old = self.time_s.get(path)
+        self.time_s[path] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def state_dict(self) -> dict:
+        return {"time_s": dict(self.time_s), "decisions": self.decisions}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.time_s, self.decisions = dict(state["time_s"]), state["decisions"]

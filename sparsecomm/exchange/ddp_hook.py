@@ -21,27 +21,29 @@ buckets on gloo (size mismatches or hangs); this hook cannot, and is tested with
 """
 # No `from __future__ import annotations` here: DDP checks the hook's annotations at runtime
 # (`bucket: dist.GradBucket`, return `torch.futures.Future[torch.Tensor]`) and rejects string annotations.
+import time
+
 import torch
 import torch.distributed as dist
 
 from ..codec import VALUE_CODECS, encode, roundtrip_values
 from ..compress import ErrorFeedback, k_for, make_selector
 from ..track.comm import CommTracker, ring_allreduce_bytes
-from .base import aggregate_mean, choose_path
+from .base import PathChooser, aggregate_mean
 
 
 class SparseHookState:
     __slots__ = (
         # hyperparameters the user tunes
         "density", "selector_name", "index_codec", "value_codec", "dense_fallback", "fallback_margin",
-        "warmup_iterations", "seed",
+        "warmup_iterations", "switch", "seed",
         # internal state
-        "process_group", "transport", "selector", "ef", "iteration", "comm", "last_metrics", "resets",
+        "process_group", "transport", "selector", "ef", "iteration", "comm", "last_metrics", "resets", "choosers",
     )
 
     def __init__(self, process_group=None, density: float = 0.01, selector: str = "sampled", index_codec: str = "auto",
                  value_codec: str = "bf16", dense_fallback: bool = True, fallback_margin: float = 1.0,
-                 warmup_iterations: int = 0, seed: int = 0):
+                 warmup_iterations: int = 0, switch: str = "volume", seed: int = 0):
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if value_codec not in VALUE_CODECS:
@@ -49,9 +51,10 @@ class SparseHookState:
         if warmup_iterations < 0 or fallback_margin <= 0:
             raise ValueError("warmup_iterations must be >= 0 and fallback_margin > 0")
         make_selector(selector)  # validates the name
+        PathChooser(switch)  # validates the policy
         self.density, self.selector_name, self.index_codec, self.value_codec = density, selector, index_codec, value_codec
-        self.dense_fallback, self.fallback_margin, self.warmup_iterations, self.seed = (
-            dense_fallback, fallback_margin, warmup_iterations, seed)
+        self.dense_fallback, self.fallback_margin, self.warmup_iterations, self.switch, self.seed = (
+            dense_fallback, fallback_margin, warmup_iterations, switch, seed)
         self.process_group = process_group
         self._init_internal()
 
@@ -63,18 +66,19 @@ class SparseHookState:
         self.comm = CommTracker()
         self.last_metrics: dict = {}
         self.resets = 0  # residuals dropped because DDP rebuilt its buckets
+        self.choosers: dict[str, PathChooser] = {}  # one per bucket: sizes (and timings) differ
 
     def __getstate__(self):
         """Checkpointable: hyperparameters, residuals and iteration; never the process group."""
         state = {name: getattr(self, name) for name in self.__slots__
-                 if name not in ("process_group", "transport", "selector", "comm", "last_metrics")}
+                 if name not in ("process_group", "transport", "selector", "comm", "last_metrics", "choosers")}
         state["ef"] = self.ef.state_dict()
         return state
 
     def __setstate__(self, state):
         self.process_group = None
         for name in ("density", "selector_name", "index_codec", "value_codec", "dense_fallback", "fallback_margin",
-                     "warmup_iterations", "seed"):
+                     "warmup_iterations", "switch", "seed"):
             setattr(self, name, state[name])
         self._init_internal()
         self.ef.load_state_dict(state["ef"])
@@ -99,8 +103,11 @@ def sparse_topk_hook(state: SparseHookState, bucket: dist.GradBucket) -> torch.f
     e = state.ef.compensate(key, grad)
     density = 1.0 if state.iteration < state.warmup_iterations else state.density
     P, n = tr.world_size, grad.numel()
-    path = choose_path(n, density, P, VALUE_CODECS[state.value_codec].bytes_per_value, state.dense_fallback,
-                       state.fallback_margin)
+    chooser = state.choosers.get(key)
+    if chooser is None:
+        chooser = state.choosers[key] = PathChooser(state.switch, state.dense_fallback, state.fallback_margin)
+    path = chooser.choose(n, density, P, VALUE_CODECS[state.value_codec].bytes_per_value)
+    t0 = time.perf_counter()
     if path == "dense":
         with c.phase("transfer"):
             result = e.clone()
@@ -122,6 +129,8 @@ def sparse_topk_hook(state: SparseHookState, bucket: dist.GradBucket) -> torch.f
             result[agg.indices] = agg.values.to(grad.dtype)
         c.add_sent(tr.wire_bytes_all_gather([len(b) for b in payloads]))
         c.note(path="sparse", k=d.k, density=d.k / max(n, 1))
+    if state.switch == "measured":
+        chooser.observe(path, tr.max_over_ranks(time.perf_counter() - t0))
     if bucket.is_last():
         state.last_metrics = c.collect(sum(t.numel() for t in state.ef.residuals.values()), 4, P)
         state.iteration += 1

@@ -55,5 +55,10 @@ class TorchDistTransport:
         dist.all_reduce(flat, group=self.group)
         flat.div_(self.world_size)
 
+    def max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t)
+
     def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int:
         return (self.world_size - 1) * (max(sizes) + 8)

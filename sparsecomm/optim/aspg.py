@@ -20,7 +20,9 @@ Per step, the path is chosen identically on every rank: a dense all-reduce of th
 when the predicted all-gather volume (P-1) x k x bytes/entry exceeds `fallback_margin` x the
 ring all-reduce volume 2 (P-1)/P x N x 4 bytes (SparCML's rule: sparse wins only while
 density x P stays small), during `warmup_steps` dense warm-up steps, or when density reaches 1.
-The dense path sends everything, so it leaves nothing in the buffer.
+With `switch="measured"` it also times both paths and takes the faster (see PathChooser): on
+fast links selection and coding can cost more than the bytes they save. The dense path sends
+everything, so it leaves nothing in the buffer.
 
 State: Adam moments, the residual and the importance EMA are worker-local by design (each
 describes that worker's own gradient stream, as in DGC and 1-bit Adam); weights, step counters
@@ -42,7 +44,7 @@ from torch.optim import Optimizer
 from ..codec import VALUE_CODECS, encode, roundtrip_values
 from ..compress import ErrorFeedback, RandomK, k_for, make_selector, split_flat
 from ..delta import SparseDelta
-from ..exchange.base import LocalTransport, Transport, aggregate_mean, choose_path
+from ..exchange.base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, aggregate_mean
 from ..track.comm import CommTracker, ring_allreduce_bytes
 
 IMPORTANCE = ("magnitude", "ema_grad", "random")
@@ -55,7 +57,8 @@ class ASPG(Optimizer):
                  adaptive_epsilon: float | None = None, min_density: float = 1e-4, max_density: float = 0.25,
                  budget: str = "global", local_steps: int = 1, importance: str = "magnitude", ema_beta: float = 0.9,
                  selector: str = "sampled", index_codec: str = "auto", value_codec: str = "bf16",
-                 dense_fallback: bool = True, fallback_margin: float = 1.0, transport: Transport | None = None,
+                 dense_fallback: bool = True, fallback_margin: float = 1.0, switch: str = "volume",
+                 probe_every: int = 50, transport: Transport | None = None,
                  dense_baseline_every: int = 0, seed: int = 0):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"bad Adam hyperparameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
@@ -71,11 +74,15 @@ class ASPG(Optimizer):
             raise ValueError("need local_steps >= 1, warmup_steps >= 0, fallback_margin > 0, 0 <= ema_beta < 1")
         if value_codec not in VALUE_CODECS:
             raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
+        if switch not in SWITCH_POLICIES:
+            raise ValueError(f"switch must be one of {SWITCH_POLICIES}, got {switch!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options = dict(density=density, warmup_steps=warmup_steps, adaptive_epsilon=adaptive_epsilon,
                             min_density=min_density, max_density=max_density, budget=budget, local_steps=local_steps,
                             importance=importance, ema_beta=ema_beta, selector=selector, index_codec=index_codec,
-                            value_codec=value_codec, dense_fallback=dense_fallback, fallback_margin=fallback_margin)
+                            value_codec=value_codec, dense_fallback=dense_fallback, fallback_margin=fallback_margin,
+                            switch=switch, probe_every=probe_every)
+        self.chooser = PathChooser(switch, dense_fallback, fallback_margin, probe_every)
         self.transport = transport or LocalTransport()
         self.comm = CommTracker(dense_baseline_every, getattr(self.transport, "group", None))
         self.selector = RandomK(seed) if importance == "random" else make_selector(selector, **(
@@ -116,6 +123,7 @@ class ASPG(Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["aspg"] = {"steps": self.steps, "version": self.version, "options": dict(self.options),
+                      "chooser": self.chooser.state_dict(),
                       "sample_gen": self._sample_gen.get_state(),
                       "selector_gen": getattr(self.selector, "generator", None) and self.selector.generator.get_state()}
         return sd
@@ -135,6 +143,7 @@ class ASPG(Optimizer):
                 self._score[off:off + p.numel()].copy_(st["importance"].reshape(-1))
         self._bind_views()
         self.steps, self.version = extra["steps"], extra["version"]
+        self.chooser.load_state_dict(extra["chooser"])
         self._sample_gen.set_state(extra["sample_gen"])
         if extra["selector_gen"] is not None:
             self.selector.generator.set_state(extra["selector_gen"])
@@ -205,9 +214,8 @@ class ASPG(Optimizer):
         return float(agreed)
 
     def choose_path(self, density: float) -> str:
-        o = self.options
-        return choose_path(self.numel, density, self.transport.world_size, VALUE_CODECS[o["value_codec"]].bytes_per_value,
-                           o["dense_fallback"], o["fallback_margin"])
+        return self.chooser.choose(self.numel, density, self.transport.world_size,
+                                   VALUE_CODECS[self.options["value_codec"]].bytes_per_value)
 
     def _exchange(self) -> None:
         c, o = self.comm, self.options
@@ -245,6 +253,8 @@ class ASPG(Optimizer):
                 c.add_received(self.transport.wire_bytes_all_gather(sizes))
                 c.note(path="sparse", k=d.k, density=d.k / max(self.numel, 1), payload_bytes=len(payload),
                        aggregate_k=agg.k)
+        if self.options["switch"] == "measured":
+            self.chooser.observe(path, self.transport.max_over_ranks(c.timing_s["exchange"]))
         self.version += 1
 
     def _select(self, density: float) -> SparseDelta:

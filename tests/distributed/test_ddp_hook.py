@@ -65,7 +65,8 @@ def test_sparse_hook_with_several_buckets_keeps_replicas_identical(tmp_path):
         assert n_buckets >= 2 and iteration == 5 and r_iter == 5 and r_group is None and len(r_keys) == n_buckets
         assert metrics["comm/path"] == "sparse" and metrics["comm/sent_bytes"] < metrics["comm/dense_equiv_bytes"]
         density = sum(int(torch.count_nonzero(g)) for g in grads) / sum(g.numel() for g in grads)
-        assert density <= 2 * 0.1 + 0.01  # the union of two workers' 10% selections
+        # the union of two workers' selections; the sampled selector sends up to k x (1 + 5%)
+        assert 0.1 <= density <= 2 * 0.1 * 1.05 + 0.005
     for a, b in zip(res[0][0], res[1][0]):
         assert torch.equal(a, b)
 

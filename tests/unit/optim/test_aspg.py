@@ -164,3 +164,31 @@ def test_switch_rule():
     assert choose_path(n, 0.2, 8, 4) == "sparse" and choose_path(n, 0.25, 8, 4) == "dense"
     assert choose_path(n, 0.5, 8, 2, dense_fallback=False) == "sparse"
     assert choose_path(n, 1.0, 1, 2) == "dense" and choose_path(n, 0.5, 1, 2) == "sparse"
+
+
+def test_measured_switch_probes_both_then_takes_the_faster():
+    from sparsecomm.exchange import PathChooser
+
+    n = 10_000_000
+    c = PathChooser("measured", probe_every=4, ema=1.0)
+    assert c.choose(n, 0.01, 4, 2) == "sparse"
+    c.observe("sparse", 0.30)
+    assert c.choose(n, 0.01, 4, 2) == "dense"
+    c.observe("dense", 0.10)
+    picks = [c.choose(n, 0.01, 4, 2) for _ in range(8)]
+    assert picks.count("dense") == 6 and picks.count("sparse") == 2  # re-probes every 4th decision
+    c.observe("sparse", 0.05)  # the link got slower, say: sparse is now the faster path
+    assert c.choose(n, 0.01, 4, 2) == "sparse"
+    assert PathChooser("measured").choose(n, 0.6, 8, 4) == "dense"  # bytes rule first
+    with pytest.raises(ValueError):
+        PathChooser("fastest")
+
+
+def test_measured_switch_state_round_trips():
+    p = nn.Parameter(torch.zeros(1000))
+    o = ASPG([p], density=0.1, switch="measured")
+    p.grad = torch.ones(1000)
+    o.step()
+    o2 = ASPG([nn.Parameter(torch.zeros(1000))], density=0.1, switch="measured")
+    o2.load_state_dict(o.state_dict())
+    assert o2.chooser.state_dict() == o.chooser.state_dict()

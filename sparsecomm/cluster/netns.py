@@ -1,0 +1,162 @@
+"""N emulated hosts on one machine: network namespaces, a bridge, tbf-shaped links. Needs root.
+
+Topology (names carry a per-cluster tag so concurrent clusters never collide):
+
+    netns <tag>-br:  bridge br0 with ports v0 .. v{N-1}
+    netns <tag>-h{i}: eth0 = 10.213.<subnet>.{i+1}/24, veth peer of v{i}, plus lo
+
+With `rate_mbit`, both directions of every host link are shaped with `tbf` (host eth0 egress
+and bridge port v{i} egress), so each host has R up and R down, as on a switched network.
+This kernel has no netem: no delay or loss emulation, only rate.
+
+Only addresses inside these namespaces are used; everything created is removed by `down()`,
+which `with EmulatedCluster(...)`, atexit and SIGINT/SIGTERM all call, and processes started
+with `popen()` are ended by their pid first.
+
+Running torchrun across namespaces (../shared/ENVIRONMENT.md): every namespace resolves the
+hostname to 127.0.0.1, so set GLOO_SOCKET_IFNAME=eth0 and, with c10d rendezvous,
+`--local-addr <host address>` plus `--rdzv-conf is_host=1` on the store host (0 elsewhere);
+the static form `--master-addr/--master-port` needs only GLOO_SOCKET_IFNAME. `torchrun_env()`
+and `torchrun_args()` produce both.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import uuid
+from typing import Sequence
+
+
+def can_create_namespaces() -> tuple[bool, str]:
+    """(True, "") if this process may create network namespaces, else (False, reason)."""
+    if os.geteuid() != 0:
+        return False, "needs root to create network namespaces"
+    tag = f"scprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", tag], capture_output=True, text=True)
+    if r.returncode:
+        return False, f"`ip netns add` failed: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", tag], capture_output=True)
+    return True, ""
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {r.stderr.strip()}")
+
+
+def _tc(ns: str, dev: str, rate_mbit: float) -> None:
+    # burst: ~4 ms worth of bytes at the rate, at least 64 KiB, so tbf can reach its rate
+    burst = max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.004))
+    r = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+                        "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "200ms"], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"tc tbf on {ns}/{dev} failed: {r.stderr.strip()}")
+
+
+class EmulatedCluster:
+    def __init__(self, n_hosts: int, rate_mbit: float | None = None, subnet: int | None = None, tag: str | None = None):
+        if not 1 <= n_hosts <= 250:
+            raise ValueError(f"n_hosts must be in [1, 250], got {n_hosts}")
+        if rate_mbit is not None and rate_mbit <= 0:
+            raise ValueError(f"rate_mbit must be > 0, got {rate_mbit}")
+        self.n_hosts, self.rate_mbit = n_hosts, rate_mbit
+        self.tag = tag or f"sc{uuid.uuid4().hex[:6]}"
+        self.subnet = subnet if subnet is not None else int(self.tag[-2:], 16) % 250
+        self.bridge_ns = f"{self.tag}-br"
+        self.hosts = [f"{self.tag}-h{i}" for i in range(n_hosts)]
+        self.addresses = [f"10.213.{self.subnet}.{i + 1}" for i in range(n_hosts)]
+        self.procs: list[subprocess.Popen] = []
+        self._created: list[str] = []
+        self._old_handlers: dict = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def up(self) -> "EmulatedCluster":
+        atexit.register(self.down)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: rely on atexit / the caller
+                pass
+        try:
+            self._add_ns(self.bridge_ns)
+            _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+            _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
+            for i, (ns, addr) in enumerate(zip(self.hosts, self.addresses)):
+                self._add_ns(ns)
+                _ip("-n", self.bridge_ns, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+                _ip("-n", self.bridge_ns, "link", "set", f"v{i}", "master", "br0", "up")
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                if self.rate_mbit:
+                    _tc(ns, "eth0", self.rate_mbit)
+                    _tc(self.bridge_ns, f"v{i}", self.rate_mbit)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _add_ns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self._created.append(name)
+
+    def _on_signal(self, signum, frame):
+        self.down()
+        old = self._old_handlers.get(signum)
+        if callable(old):
+            old(signum, frame)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def down(self) -> None:
+        """End our processes (by pid), delete our namespaces (which removes their links). Idempotent."""
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        self.procs.clear()
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._created.clear()
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+        atexit.unregister(self.down)
+
+    def __enter__(self) -> "EmulatedCluster":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # ------------------------------------------------------------------ running things
+    def popen(self, host: int, cmd: Sequence[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        """Start `cmd` inside host `host`'s namespace, in its own process group (so down() ends it)."""
+        full_env = {**os.environ, **(env or {})}
+        p = subprocess.Popen(["ip", "netns", "exec", self.hosts[host], *cmd], env=full_env, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def torchrun_env(self) -> dict[str, str]:
+        return {"GLOO_SOCKET_IFNAME": "eth0"}
+
+    def torchrun_args(self, host: int, port: int = 29500, nproc_per_node: int = 1) -> list[str]:
+        """Static rendezvous on host 0: needs only GLOO_SOCKET_IFNAME (see the module docstring)."""
+        return ["--nnodes", str(self.n_hosts), "--node-rank", str(host), "--nproc-per-node", str(nproc_per_node),
+                "--master-addr", self.addresses[0], "--master-port", str(port)]

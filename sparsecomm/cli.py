@@ -3,6 +3,8 @@
 
     sparsecomm demo            # compression pipeline on a GPT-2-124M-sized update
     sparsecomm report RUN_DIR  # figures + summary.md from a run's StepStats JSONL
+    sparsecomm coordinator --bind tcp://0.0.0.0:5555   # the ZeroMQ aggregation service
+    sparsecomm keys DIR server trainer-0               # CURVE certificates
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sparsecomm.pipeline_demo", "select, encode and decode a GPT-2-124M-sized update; print bytes and times"),
+    "coordinator": ("sparsecomm.exchange.coordinator", "run the ZeroMQ coordinator (aggregation, versions, rollout sync)"),
+    "keys": ("sparsecomm.keys", "make CURVE key pairs for the coordinator and its clients"),
     "report": ("sparsecomm.track.report", "turn a run directory's StepStats JSONL into PNG figures and a Markdown summary"),
 }
 

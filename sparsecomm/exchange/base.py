@@ -4,6 +4,7 @@ A transport has two operations, both collective (every worker calls them, in the
 
     all_gather_bytes(payload) -> [payload of rank 0, ..., payload of rank P-1]
     all_reduce_mean_(flat)    -> flat becomes the mean over workers, in place
+    wire_bytes(sizes)         -> (sent, received) bytes per worker for that all-gather
 
 `aggregate_mean` turns the gathered messages into one sparse mean delta deterministically:
 every rank decodes the same bytes in rank order and adds each worker's (duplicate-free)
@@ -27,7 +28,7 @@ class Transport(Protocol):
 
     def all_reduce_mean_(self, flat: torch.Tensor) -> None: ...
 
-    def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int: ...
+    def wire_bytes(self, sizes: Sequence[int]) -> tuple[int, int]: ...
 
     def max_over_ranks(self, value: float) -> float: ...
 
@@ -43,35 +44,101 @@ class LocalTransport:
     def all_reduce_mean_(self, flat: torch.Tensor) -> None:
         pass
 
-    def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int:
-        return 0
+    def wire_bytes(self, sizes: Sequence[int]) -> tuple[int, int]:
+        return 0, 0
 
     def max_over_ranks(self, value: float) -> float:
         return value
 
 
-def aggregate_mean(payloads: Sequence[memoryview | bytes], numel: int, device=None) -> SparseDelta:
-    """Decode every worker's message and average them: a sparse delta over the union of indices."""
-    deltas = []
-    for r, buf in enumerate(payloads):
-        try:
-            d = decode(buf)
-        except CodecError as e:
-            raise CodecError(f"message from rank {r}: {e}") from None
-        if d.shape != (numel,):
-            raise CodecError(f"message from rank {r} has shape {d.shape}, expected ({numel},)")
-        deltas.append(d)
-    idx_all = torch.cat([d.indices for d in deltas])
-    union, inverse = torch.unique(idx_all, sorted=True, return_inverse=True)
-    summed = torch.zeros(union.numel(), dtype=torch.float32)
-    start = 0
-    for d in deltas:  # rank order; indices unique within one worker -> deterministic index_add_
-        summed.index_add_(0, inverse[start:start + d.k], d.values.to(torch.float32))
-        start += d.k
-    summed.div_(len(deltas))
+def _decode_from(rank: int, buf, numel: int) -> SparseDelta:
+    try:
+        d = decode(buf)
+    except CodecError as e:
+        raise CodecError(f"message from rank {rank}: {e}") from None
+    if d.shape != (numel,):
+        raise CodecError(f"message from rank {rank} has shape {d.shape}, expected ({numel},)")
+    return d
+
+
+def mean_of_deltas(deltas, numel: int, device=None) -> SparseDelta:
+    """Mean of sparse deltas over (numel,), deterministically: rank-order sums of unique indices.
+
+    Two strategies, same bits. `deltas` may be a list or an iterator (decoded lazily).
+    - sparse union (P x k small vs numel): `torch.unique` over all indices, O(P k) memory;
+    - dense accumulation (P x k > numel / 8): one delta at a time into an O(numel) buffer, so P
+      large deltas are never held at once (at 10% density and P = 8 the union would need
+      ~20 bytes x 0.8 numel; the buffer needs 5 bytes x numel).
+    """
+    it = iter(deltas)
+    first = next(it, None)
+    if first is None:
+        return SparseDelta.empty((numel,))
+    rest = list(it) if isinstance(deltas, list) else None
+    count = 1 + (len(rest) if rest is not None else 0)
+    P_hint = count if rest is not None else None
+    if rest is None or first.k * P_hint > numel // 8:
+        acc = torch.zeros(numel, dtype=torch.float32)
+        touched = torch.zeros(numel, dtype=torch.bool)
+        count = 0
+        for d in ([first, *rest] if rest is not None else _chain(first, it)):
+            acc.index_add_(0, d.indices, d.values.to(torch.float32))
+            touched[d.indices] = True
+            count += 1
+        union = torch.nonzero(touched).squeeze(1)
+        summed = acc[union]
+    else:
+        ds = [first, *rest]
+        union, inverse = torch.unique(torch.cat([d.indices for d in ds]), sorted=True, return_inverse=True)
+        summed = torch.zeros(union.numel(), dtype=torch.float32)
+        start = 0
+        for d in ds:  # rank order; indices unique within one delta -> deterministic index_add_
+            summed.index_add_(0, inverse[start:start + d.k], d.values.to(torch.float32))
+            start += d.k
+    summed.div_(count)
     if device is not None:
         union, summed = union.to(device), summed.to(device)
     return SparseDelta(union, summed, (numel,), torch.float32)
+
+
+def _chain(first, it):
+    yield first
+    yield from it
+
+
+def apply_mean_(payloads: Sequence[memoryview | bytes], numel: int, add, timing: dict | None = None) -> int:
+    """Add mean(deltas) to the weights without forming the mean: for each worker in rank order,
+    decode its message and call `add(delta, 1/P)`. Every replica performs the same additions in
+    the same order, so they stay bit-identical; no union, no sort, one decoded message in memory
+    at a time. (Rounding differs from adding the precomputed mean, identically everywhere.)
+    Returns the number of entries added; `timing` accumulates decode_s and apply_s.
+    """
+    import time
+
+    total, P = 0, len(payloads)
+    for r, buf in enumerate(payloads):
+        t0 = time.perf_counter()
+        d = _decode_from(r, buf, numel)
+        t1 = time.perf_counter()
+        add(d, 1.0 / P)
+        t2 = time.perf_counter()
+        total += d.k
+        if timing is not None:
+            timing["decode"] = timing.get("decode", 0.0) + t1 - t0
+            timing["apply"] = timing.get("apply", 0.0) + t2 - t1
+    return total
+
+
+def aggregate_mean(payloads: Sequence[memoryview | bytes], numel: int, device=None) -> SparseDelta:
+    """Decode every worker's message (rank order) and average them (see `mean_of_deltas`).
+
+    Small totals decode all messages up front; large ones decode one at a time while summing.
+    """
+    first = _decode_from(0, payloads[0], numel)
+    if first.k * len(payloads) > numel // 8:
+        lazy = (_decode_from(r, payloads[r], numel) for r in range(1, len(payloads)))
+        return mean_of_deltas(_chain(first, lazy), numel, device)
+    return mean_of_deltas([first] + [_decode_from(r, payloads[r], numel) for r in range(1, len(payloads))], numel, device)
 
 
 HEADER_BYTES = 160  # framing + msgpack header of a one-tensor message, for the volume prediction

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..codec import VALUE_CODECS, encode, roundtrip_values
 from ..compress import ErrorFeedback, k_for, make_selector
 from ..track.comm import CommTracker, ring_allreduce_bytes
-from .base import PathChooser, aggregate_mean
+from .base import PathChooser, apply_mean_
 
 
 class SparseHookState:
@@ -124,10 +124,11 @@ def sparse_topk_hook(state: SparseHookState, bucket: dist.GradBucket) -> torch.f
         with c.phase("transfer"):
             payloads = tr.all_gather_bytes(payload)
         with c.phase("decode"):
-            agg = aggregate_mean(payloads, n, grad.device)
             result = torch.zeros_like(grad)
-            result[agg.indices] = agg.values.to(grad.dtype)
-        c.add_sent(tr.wire_bytes_all_gather([len(b) for b in payloads]))
+            apply_mean_(payloads, n, lambda d, w: d.add_to(result, alpha=w))
+        sent, recv = tr.wire_bytes([len(b) for b in payloads])
+        c.add_sent(sent)
+        c.add_received(recv)
         c.note(path="sparse", k=d.k, density=d.k / max(n, 1))
     if state.switch == "measured":
         chooser.observe(path, tr.max_over_ranks(time.perf_counter() - t0))

@@ -60,5 +60,7 @@ class TorchDistTransport:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t)
 
-    def wire_bytes_all_gather(self, sizes: Sequence[int]) -> int:
-        return (self.world_size - 1) * (max(sizes) + 8)
+    def wire_bytes(self, sizes: Sequence[int]) -> tuple[int, int]:
+        """Ring all-gather: every rank sends and receives P-1 padded blocks (+ 8 B size exchange each)."""
+        b = (self.world_size - 1) * (max(sizes) + 8)
+        return b, b

@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from ..codec import VALUE_CODECS, encode, roundtrip_values
 from ..compress import ErrorFeedback, RandomK, k_for, make_selector, split_flat
 from ..delta import SparseDelta
-from ..exchange.base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, aggregate_mean
+from ..exchange.base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, apply_mean_
 from ..track.comm import CommTracker, ring_allreduce_bytes
 
 IMPORTANCE = ("magnitude", "ema_grad", "random")
@@ -104,6 +104,8 @@ class ASPG(Optimizer):
         self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self._score = torch.zeros(self.numel, device=device) if importance == "ema_grad" else None
         self._bind_views()
+        if hasattr(self.transport, "bind"):  # e.g. the coordinator transport: join, seed or sync weights
+            self.transport.bind(self._params)
         self.steps = 0  # replicated: optimizer steps taken
         self.version = 0  # replicated: exchanges applied (the weights version)
         self.last_metrics: dict = {}
@@ -244,15 +246,13 @@ class ASPG(Optimizer):
                     payload = encode(d, o["index_codec"], o["value_codec"])
                 with c.phase("transfer"):
                     payloads = self.transport.all_gather_bytes(payload)
-                with c.phase("decode"):
-                    agg = aggregate_mean(payloads, self.numel, flat.device)
-                with c.phase("apply"):
-                    self._apply(agg)
-                sizes = [len(b) for b in payloads]
-                c.add_sent(self.transport.wire_bytes_all_gather(sizes))
-                c.add_received(self.transport.wire_bytes_all_gather(sizes))
+                # decode each worker's delta and add 1/P of it, rank by rank (no union needed)
+                applied_k = apply_mean_(payloads, self.numel, self._add_flat_delta, c.timing_s)
+                sent, recv = self.transport.wire_bytes([len(b) for b in payloads])
+                c.add_sent(sent)
+                c.add_received(recv)
                 c.note(path="sparse", k=d.k, density=d.k / max(self.numel, 1), payload_bytes=len(payload),
-                       aggregate_k=agg.k)
+                       applied_entries=applied_k)
         if self.options["switch"] == "measured":
             self.chooser.observe(path, self.transport.max_over_ranks(c.timing_s["exchange"]))
         self.version += 1
@@ -270,7 +270,8 @@ class ASPG(Optimizer):
             parts_v.append(d.values)
         return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), torch.float32)
 
-    def _apply(self, agg: SparseDelta) -> None:
-        for p, d in zip(self._params, split_flat(agg, self._layout()).values()):
-            if d.k:
-                d.add_to(p.data)
+    def _add_flat_delta(self, d: SparseDelta, alpha: float) -> None:
+        """weights += alpha * d, for a delta over the flat parameter space."""
+        for p, part in zip(self._params, split_flat(d, self._layout()).values()):
+            if part.k:
+                part.add_to(p.data, alpha)

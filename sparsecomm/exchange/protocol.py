@@ -1,0 +1,103 @@
+"""The coordinator protocol (version 1): a msgpack header frame plus raw binary frames. No pickle.
+
+Every message is a ZeroMQ multipart message `[header, *frames]` (the ROUTER side also sees the
+peer identity first). `header` is a msgpack map with at least {"v": 1, "op": str}; frames hold
+the codec's payloads (sparsecomm.codec wire format) or raw little-endian fp32 weight chunks.
+
+Client -> coordinator
+    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, weights_hash}
+    init        {worker, index, total, offset}            + fp32 chunk   (first trainer seeds W0)
+    push        {worker, round, step, base_version}       + delta payload (flat, shape (numel,))
+    heartbeat   {worker}
+    sync        {worker, from_version}                    missing aggregates, or snapshot needed
+    snapshot    {worker}                                  full weights, chunked
+    leave       {worker}
+
+Coordinator -> client
+    welcome     {version, hash, round, numel, need_init, need_snapshot}
+    aggregate   {round, version, hash, parent_hash, contributors, late_folded} + payload
+    rollout     {version, hash, kind: "bf16_delta"|"delta"}                     + payload
+    anchor      {version, hash, index, total, offset, dtype}                    + chunk
+    snapshot    {version, hash, index, total, offset}                           + fp32 chunk
+    synced      {version, hash, count}  (after count `aggregate` replays)
+    error       {reason, detail}        reason is one of REASONS (counted by the coordinator)
+
+Requests (join, init, push, sync, snapshot) may carry an integer "req"; `welcome` and `error`
+replies echo it, so a client that retried after a coordinator restart can ignore stale replies.
+
+Versions: the coordinator's weights version counts applied aggregates; `hash` chains them:
+hash_v = sha256(hash_{v-1} || aggregate payload bytes), hash_0 = sha256(fingerprint || W0 bytes).
+A worker that applies the same payloads reaches the same hash, and can prove it.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+OPS_IN = ("join", "init", "push", "heartbeat", "sync", "snapshot", "leave")
+ROLES = ("trainer", "rollout")
+REASONS = ("malformed", "protocol_version", "unknown_op", "unknown_worker", "bad_field", "fingerprint",
+           "shape_mismatch", "bad_payload", "value_out_of_range", "oversized", "duplicate", "stale", "not_ready",
+           "init_conflict", "internal")
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def pack(op: str, **fields) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "op": op, **fields})
+
+
+def unpack_header(raw: bytes) -> dict:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("oversized", f"header of {len(raw)} bytes (limit {MAX_HEADER_BYTES})")
+    try:
+        h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
+                            max_str_len=4096, max_array_len=4096, max_map_len=64)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise ProtocolError("malformed", f"header is not msgpack ({type(e).__name__})") from None
+    if not isinstance(h, dict):
+        raise ProtocolError("malformed", "header is not a map")
+    if h.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("protocol_version", f"protocol version {h.get('v')!r}, this coordinator speaks {PROTOCOL_VERSION}")
+    if not isinstance(h.get("op"), str):
+        raise ProtocolError("malformed", "missing op")
+    return h
+
+
+def field(h: dict, key: str, kind: type, lo: int | None = None, hi: int | None = None, allow_empty: bool = False):
+    """h[key] checked for type (bool is not an int here) and integer range."""
+    v = h.get(key)
+    if kind is int:
+        if type(v) is not int or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ProtocolError("bad_field", f"{key}={v!r} is not an int in [{lo}, {hi}]")
+    elif not isinstance(v, kind):
+        raise ProtocolError("bad_field", f"{key}={v!r} is not {kind.__name__}")
+    if kind is str and not (0 if allow_empty else 1) <= len(v) <= 256:
+        raise ProtocolError("bad_field", f"{key} must be {0 if allow_empty else 1}..256 characters")
+    return v
+
+
+def chain(prev_hash: str, payload: bytes | memoryview) -> str:
+    return hashlib.sha256(bytes.fromhex(prev_hash) + bytes(payload)).hexdigest()
+
+
+def genesis_hash(fingerprint: str, weights_bytes: bytes | memoryview) -> str:
+    return hashlib.sha256(fingerprint.encode() + bytes(weights_bytes)).hexdigest()
+
+
+def model_fingerprint(named_shapes) -> str:
+    """sha256 over (name, shape, dtype) of every parameter, in order: two workers share a model iff equal."""
+    h = hashlib.sha256()
+    for name, shape, dtype in named_shapes:
+        h.update(f"{name}:{tuple(shape)}:{dtype};".encode())
+    return h.hexdigest()[:32]

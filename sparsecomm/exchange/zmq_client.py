@@ -1,0 +1,354 @@
+"""Clients of the ZeroMQ coordinator: trainers (CoordinatorClient, CoordinatorTransport for ASPG)
+and rollout/inference workers (RolloutClient). One DEALER socket each; protocol in protocol.py.
+
+    transport = CoordinatorTransport("tcp://10.0.0.1:5555", worker_id=f"trainer-{rank}")
+    opt = ASPG(model.parameters(), density=0.01, transport=transport)   # joins, seeds or syncs weights
+
+    rollout = RolloutClient("tcp://10.0.0.1:5555", "rollout-0", fingerprint, numel)
+    rollout.connect(); while True: rollout.poll(1.0); use(rollout.weights)   # a bf16 copy, exact
+
+Every aggregate is verified before it is applied: its version must follow the client's, and
+sha256(client hash || payload) must equal the coordinator's hash (the chain in protocol.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from ..codec import decode
+from ..delta import SparseDelta
+from .protocol import chain, genesis_hash, model_fingerprint, pack, unpack_header
+
+INIT_CHUNK_BYTES = 8 << 20
+
+
+class CoordinatorError(RuntimeError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"coordinator refused: {reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def curve_client_options(sock: zmq.Socket, client_secret_file: str, server_public_file: str) -> None:
+    import zmq.auth
+
+    pub, sec = zmq.auth.load_certificate(client_secret_file)
+    server_pub, _ = zmq.auth.load_certificate(server_public_file)
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = sec, pub, server_pub
+
+
+class _Connection:
+    def __init__(self, endpoint: str, worker_id: str, role: str, timeout_s: float, heartbeat_s: float,
+                 curve: tuple[str, str] | None, context: zmq.Context | None):
+        self.endpoint, self.worker, self.role = endpoint, worker_id, role
+        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # a DEALER with no live connection (coordinator down, or our CURVE key refused) blocks on
+        # send: bound it, so the caller gets a TimeoutError instead of a hang
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        if curve:
+            curve_client_options(self.sock, *curve)
+        self.sock.connect(endpoint)
+        self.sent_bytes = 0
+        self.recv_bytes = 0
+        self.req = 0  # id of the latest request; replies to older ones are stale
+        self._last_send = time.monotonic()
+
+    def send(self, op: str, *frames, **fields) -> None:
+        if op != "heartbeat":
+            self.req += 1
+            fields["req"] = self.req
+        header = pack(op, worker=self.worker, **fields)
+        try:
+            self.sock.send_multipart([header, *frames], copy=False, flags=zmq.NOBLOCK if op == "heartbeat" else 0)
+        except zmq.Again:
+            if op == "heartbeat":
+                return  # best effort; the next request will time out if the link is really gone
+            raise TimeoutError(f"could not send {op!r} to the coordinator at {self.endpoint} within the timeout") from None
+        self.sent_bytes += len(header) + sum(len(f) for f in frames)
+        self._last_send = time.monotonic()
+
+    def recv(self, timeout_s: float | None = None) -> tuple[dict, list]:
+        """Next message; heartbeats while waiting; CoordinatorError on an `error` reply; TimeoutError."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply from the coordinator at {self.endpoint} within the timeout")
+            if self.sock.poll(int(min(left, self.heartbeat_s) * 1000)):
+                frames = self.sock.recv_multipart(copy=False)
+                self.recv_bytes += sum(len(f.buffer) for f in frames)
+                h = unpack_header(bytes(frames[0].buffer))
+                if h["op"] in ("error", "welcome") and h.get("req") != self.req:
+                    continue  # a reply to an earlier request or to a heartbeat (e.g. across a coordinator restart)
+                if h["op"] == "error":
+                    raise CoordinatorError(h.get("reason", "?"), h.get("detail", ""))
+                return h, [f.buffer for f in frames[1:]]
+            if time.monotonic() - self._last_send >= self.heartbeat_s:
+                self.send("heartbeat")
+
+    def close(self, leave: bool = True) -> None:
+        if leave:
+            try:
+                self.send("leave")
+            except (zmq.ZMQError, TimeoutError):
+                pass  # nobody to tell: the coordinator will time us out
+        self.sock.close(0)
+
+
+class CoordinatorClient:
+    """A trainer's link: join (seed, replay or snapshot), push a delta, receive the verified aggregate.
+
+    `flat` is the worker's flat fp32 weights; `apply` and `load` write into the model (replays
+    and snapshots during join; the caller applies the aggregates that `push` returns).
+    """
+
+    def __init__(self, endpoint: str, worker_id: str, timeout_s: float = 120.0, heartbeat_s: float = 1.0,
+                 curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
+        self.conn = _Connection(endpoint, worker_id, "trainer", timeout_s, heartbeat_s, curve, context)
+        self.version, self.hash, self.round, self.numel = 0, "", 0, 0
+
+    def join(self, fingerprint: str, flat: torch.Tensor, apply, load) -> str:
+        """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'."""
+        self._rejoin_args = (fingerprint, apply, load)
+        self.numel = flat.numel()
+        raw = flat.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint8)
+        if not self.hash:
+            self.hash = genesis_hash(fingerprint, raw)
+        deadline = time.monotonic() + self.conn.timeout_s
+        while True:  # another trainer may still be seeding the weights: wait for it
+            self.conn.send("join", role="trainer", fingerprint=fingerprint, numel=self.numel, version=self.version,
+                           hash=self.hash)
+            try:
+                h, _ = self._expect("welcome")
+                break
+            except CoordinatorError as e:
+                if e.reason != "not_ready" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if h["need_init"]:
+            total = max(1, math.ceil(raw.size / INIT_CHUNK_BYTES))
+            for i in range(total):
+                self.conn.send("init", memoryview(raw[i * INIT_CHUNK_BYTES:(i + 1) * INIT_CHUNK_BYTES]), index=i, total=total,
+                               offset=i * INIT_CHUNK_BYTES)
+            h, _ = self._expect("welcome")
+            how = "seeded"
+        elif h["need_sync"]:
+            self.conn.send("sync", from_version=self.version)
+            while True:
+                hh, frames = self.conn.recv()
+                if hh["op"] == "synced":
+                    break
+                apply(decode(self._verify(hh, frames)))
+            how = "replayed"
+        elif h["need_snapshot"]:
+            self.conn.send("snapshot")
+            buf = np.empty(self.numel * 4, dtype=np.uint8)
+            got = 0
+            while True:
+                hh, frames = self._expect("snapshot")
+                buf[hh["offset"]:hh["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
+                got += 1
+                if got == hh["total"]:
+                    break
+            load(torch.from_numpy(buf.view("<f4").copy()))
+            h = hh
+            how = "snapshot"
+        else:
+            how = "in_sync"
+        self.version, self.hash, self.round = h["version"], h["hash"], h.get("round", self.round)
+        return how
+
+    def _expect(self, op: str) -> tuple[dict, list]:
+        h, frames = self.conn.recv()
+        if h["op"] != op:
+            raise CoordinatorError("protocol", f"expected {op!r}, got {h['op']!r}")
+        return h, frames
+
+    def _verify(self, h: dict, frames: list) -> memoryview:
+        """The aggregate's payload, once its version and hash chain check out."""
+        if h["op"] != "aggregate" or len(frames) != 1:
+            raise CoordinatorError("protocol", f"expected an aggregate, got {h['op']!r}")
+        if h["version"] != self.version + 1 or chain(self.hash, frames[0]) != h["hash"]:
+            raise CoordinatorError("hash_chain", f"aggregate v{h['version']} does not follow v{self.version} "
+                                   f"({self.hash[:12]}): resync needed")
+        self.version, self.hash, self.round = h["version"], h["hash"], h["round"] + 1
+        return frames[0]
+
+    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 3) -> memoryview:
+        """Send this worker's delta for the current round; return the round's verified aggregate payload.
+
+        If the coordinator went away (timeout) or no longer knows us (it restarted from a checkpoint),
+        rejoin - replay or snapshot as needed - and push the same delta again: error feedback already
+        counts it as sent, so it must not be dropped. `get_flat()` supplies the current weights for
+        the rejoin.
+        """
+        for attempt in range(attempts):
+            self.conn.send("push", payload, round=self.round, step=step, base_version=self.version)
+            try:
+                h, frames = self.conn.recv()
+                return self._verify(h, frames)
+            except (TimeoutError, CoordinatorError) as e:
+                recoverable = isinstance(e, TimeoutError) or e.reason in ("unknown_worker", "bad_field", "stale")
+                if not recoverable or get_flat is None or attempt == attempts - 1:
+                    raise
+                fingerprint, apply, load = self._rejoin_args
+                self.join(fingerprint, get_flat(), apply, load)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class CoordinatorTransport:
+    """ASPG's transport through the coordinator. `all_gather_bytes` returns [the aggregate]:
+    the coordinator already averaged, and the mean of one message is itself, so ASPG's
+    `aggregate_mean` only decodes it. There is no dense collective: a dense exchange pushes
+    the whole buffer as one (k = numel) delta."""
+
+    world_size, rank = 1, 0
+
+    def __init__(self, endpoint: str, worker_id: str, **client_kw):
+        self.client = CoordinatorClient(endpoint, worker_id, **client_kw)
+        self.params: list[torch.Tensor] = []
+        self.how_joined = None
+        self._step = 0
+        self._sent = self._recv = 0
+
+    def bind(self, params: list[torch.Tensor]) -> None:
+        """Called by ASPG: join with these parameters' flat weights (seed, replay or snapshot)."""
+        self.params = params
+        fp = model_fingerprint((str(i), p.shape, p.dtype) for i, p in enumerate(params))
+        self.how_joined = self.client.join(fp, self._flat(), self._apply, self._load)
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+
+    def _apply(self, d: SparseDelta) -> None:
+        from ..compress import split_flat
+
+        layout, off = {}, 0
+        for i, p in enumerate(self.params):
+            layout[i] = (off, tuple(p.shape))
+            off += p.numel()
+        for p, part in zip(self.params, split_flat(d, layout).values()):
+            if part.k:
+                part.add_to(p.data)
+
+    def _load(self, flat: torch.Tensor) -> None:
+        off = 0
+        for p in self.params:
+            p.data.copy_(flat[off:off + p.numel()].view_as(p))
+            off += p.numel()
+
+    def all_gather_bytes(self, payload: bytes) -> list[memoryview]:
+        s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
+        self._step += 1
+        agg = self.client.push(payload, self._step, self._flat)
+        self._sent = self.client.conn.sent_bytes - s0  # our push, headers included
+        self._recv = self.client.conn.recv_bytes - r0  # the aggregate
+        return [agg]
+
+    def all_reduce_mean_(self, flat: torch.Tensor) -> None:
+        from ..codec import encode
+
+        full = SparseDelta(torch.arange(flat.numel()), flat.detach().float().cpu().clone(), (flat.numel(),))
+        s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
+        self._step += 1
+        agg = decode(self.client.push(encode(full, "auto", "fp32"), self._step, self._flat))
+        self._sent, self._recv = self.client.conn.sent_bytes - s0, self.client.conn.recv_bytes - r0
+        flat.zero_()
+        flat[agg.indices.to(flat.device)] = agg.values.to(flat.device)
+
+    def wire_bytes(self, sizes) -> tuple[int, int]:
+        return self._sent, self._recv
+
+    def max_over_ranks(self, value: float) -> float:
+        return value
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RolloutClient:
+    """Keeps an inference copy in sync: a snapshot on join, then every aggregate's changes.
+
+    With the coordinator's default (`rollout_bf16`), it receives exactly the bf16 entries whose
+    bits changed and stores them: its bf16 weights equal bf16(coordinator's fp32 weights), bit
+    for bit, after every version. Anchors (full copies) replace the weights when they arrive.
+    """
+
+    def __init__(self, endpoint: str, worker_id: str, fingerprint: str, numel: int, timeout_s: float = 60.0,
+                 heartbeat_s: float = 1.0, curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
+        self.conn = _Connection(endpoint, worker_id, "rollout", timeout_s, heartbeat_s, curve, context)
+        self.fingerprint, self.numel = fingerprint, numel
+        self.weights = torch.zeros(numel, dtype=torch.bfloat16)
+        self.version, self.hash, self.updates = -1, "", 0
+        self._anchor: dict | None = None
+
+    def connect(self) -> None:
+        self.conn.send("join", role="rollout", fingerprint=self.fingerprint, numel=self.numel, version=0, hash="")
+        h, _ = self.conn.recv()
+        if h["op"] != "welcome":
+            raise CoordinatorError("protocol", f"expected welcome, got {h['op']!r}")
+        self.conn.send("snapshot")
+        buf = np.empty(self.numel * 4, dtype=np.uint8)
+        got = 0
+        while got < 1 or got < hh["total"]:  # noqa: F821 (hh is bound in the loop)
+            hh, frames = self.conn.recv()
+            if hh["op"] != "snapshot":
+                continue  # a rollout delta for a version older than our snapshot: skip
+            buf[hh["offset"]:hh["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
+            got += 1
+        self.weights = torch.from_numpy(buf.view("<f4").copy()).to(torch.bfloat16)
+        self.version, self.hash = hh["version"], hh["hash"]
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        """Apply whatever arrived (waiting up to timeout_s for the first message); return how many."""
+        n = 0
+        wait = timeout_s
+        while True:
+            try:
+                h, frames = self.conn.recv(timeout_s=max(wait, 1e-3))
+            except TimeoutError:
+                return n
+            wait = 0.0
+            if h["op"] == "rollout":
+                if h["version"] <= self.version:
+                    continue  # already covered by the snapshot
+                if h["version"] != self.version + 1:
+                    raise CoordinatorError("gap", f"rollout v{h['version']} after v{self.version}: reconnect for a snapshot")
+                d = decode(frames[0])
+                if h["kind"] == "bf16_values":
+                    self.weights[d.indices] = d.values.to(torch.bfloat16)
+                else:
+                    w = self.weights.float()
+                    d.add_to(w)
+                    self.weights = w.to(torch.bfloat16)
+                self.version, self.hash = h["version"], h["hash"]
+                self.updates += 1
+                n += 1
+            elif h["op"] == "anchor":
+                self._on_anchor(h, frames[0])
+
+    def _on_anchor(self, h: dict, chunk) -> None:
+        if self._anchor is None or self._anchor["version"] != h["version"]:
+            self._anchor = {"version": h["version"], "buf": bytearray(self.numel * (2 if h["dtype"] == "bfloat16" else 4)),
+                            "got": 0}
+        a = self._anchor
+        a["buf"][h["offset"]:h["offset"] + len(chunk)] = chunk
+        a["got"] += 1
+        if a["got"] == h["total"]:
+            if h["dtype"] == "bfloat16":
+                self.weights = torch.frombuffer(a["buf"], dtype=torch.int16).clone().view(torch.bfloat16)
+            else:
+                self.weights = torch.frombuffer(a["buf"], dtype=torch.float32).clone().to(torch.bfloat16)
+            self._anchor = None
+
+    def close(self) -> None:
+        self.conn.close()

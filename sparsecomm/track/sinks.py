@@ -38,10 +38,14 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    def __init__(self, path: str | Path):
+    """One JSON object per line. mode "w" starts the file afresh (a new run), "a" appends (a resume)."""
+
+    def __init__(self, path: str | Path, mode: str = "w"):
+        if mode not in ("w", "a"):
+            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("a", buffering=1)  # line-buffered: a crash loses at most a line
+        self._f = self.path.open(mode, buffering=1)  # line-buffered: a crash loses at most a line
 
     def write(self, stats: StepStats) -> None:
         self._f.write(json.dumps(stats.to_dict(), allow_nan=True) + "\n")

@@ -32,6 +32,12 @@ def test_jsonl_round_trip(tmp_path):
     back = read_jsonl(tmp_path / "rank0.jsonl")
     assert [s.step for s in back] == [0, 1, 2] and back[2].metrics == sample_stats(2).metrics
     json.loads((tmp_path / "rank0.jsonl").read_text().splitlines()[0])  # plain JSON lines
+    sink = JsonlSink(tmp_path / "rank0.jsonl", mode="a")  # a resume appends
+    sink.write(sample_stats(3))
+    sink.close()
+    assert [s.step for s in read_jsonl(tmp_path / "rank0.jsonl")] == [0, 1, 2, 3]
+    JsonlSink(tmp_path / "rank0.jsonl").close()  # a new run starts afresh
+    assert read_jsonl(tmp_path / "rank0.jsonl") == []
 
 
 def scrape(port):

@@ -27,6 +27,7 @@ from sparsecomm.track import RankTracker, SparsityTracker  # noqa: E402
 VARIANTS = {
     "none": None,
     "bf16": dict(mode="bf16", k_steps=()),
+    "bf16, every 2nd step": dict(mode="bf16", k_steps=(), every=2),
     "bf16 + k-step 10": dict(mode="bf16", k_steps=(10,)),
     "fp32 (the plan's)": dict(mode="fp32", k_steps=()),
     "fp32 + k10/100 + hot map": dict(mode="fp32", k_steps=(10, 100), hot_window=20),
@@ -92,12 +93,19 @@ def main() -> int:
                 [[r["variant"], f"{r['median_step_s']:.4f}", f"{r['overhead']:+.1%}",
                   f"{r['extra_memory_bytes'] / 2**20:.1f} MiB", f"{r['bytes_per_param']:.1f}"] for r in rows])]
     bf16 = next(r for r in rows if r["variant"] == "bf16")
-    target = ("bf16-snapshot tracker overhead <= 5% of a training step", bf16["overhead"] <= 0.05, f"{bf16['overhead']:+.1%}")
-    md.append("\n## target\n\n" + table(["target", "measured", "result"], [[target[0], target[2], "PASS" if target[1] else "FAIL"]]))
+    bf16_2 = next(r for r in rows if r["variant"] == "bf16, every 2nd step")
+    target = ("bf16-snapshot tracker overhead <= 5% of a training step (every step measured)", bf16["overhead"] <= 0.05,
+              f"{bf16['overhead']:+.1%}")
+    also = ("same, measuring every 2nd step exactly (`every=2`)", bf16_2["overhead"] <= 0.05, f"{bf16_2['overhead']:+.1%}")
+    md.append("\n## target\n\n" + table(["target", "measured", "result"],
+                                          [[t[0], t[2], "PASS" if t[1] else "FAIL"] for t in (target, also)]))
+    md.append("\nOverhead is measured inside the loop (the tracker reads every weight right after the optimizer wrote "
+              "them); timed alone on this model the bf16 pass costs ~2-3 ms of a ~115 ms step. Noise between "
+              "interleaved variants here is about +-1.5 points.\n")
     print("".join(md))
     if not a.quick:
-        print("wrote", write_results("trackers", {"n_params": n_params, "rows": rows,
-                                                  "target": {"target": target[0], "pass": target[1], "measured": target[2]}},
+        print("wrote", write_results("trackers", {"n_params": n_params, "rows": rows, "targets": [
+            {"target": t[0], "pass": t[1], "measured": t[2]} for t in (target, also)]},
                                      "".join(md)))
     return 0
 

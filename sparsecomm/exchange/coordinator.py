@@ -161,8 +161,9 @@ class Coordinator:
         self.late_deltas: list[SparseDelta] = []
         self.round_started: float | None = None
         self.trainers_seen: set[str] = set()  # for the min_trainers start barrier
-        self.init_parts: dict[int, tuple[int, bytes]] = {}
+        self.init_parts: dict[int, int] = {}  # chunk index -> bytes received
         self.init_total: int | None = None
+        self._init_buf: torch.Tensor | None = None
         self.init_owner: str | None = None
         self.bf16_view: torch.Tensor | None = None
         self.ef = ErrorFeedback()
@@ -336,35 +337,31 @@ class Coordinator:
         total = hfield(h, "total", int, 1, 1 << 20)
         index = hfield(h, "index", int, 0, total - 1)
         offset = hfield(h, "offset", int, 0, st.numel * 4)
-        if len(frames) != 1 or offset + len(frames[0]) > st.numel * 4 or len(frames[0]) % 4:
+        if len(frames) != 1 or offset + len(frames[0]) > st.numel * 4 or len(frames[0]) % 4 or offset % 4:
             raise ProtocolError("shape_mismatch", "init chunk does not fit the model's fp32 weights")
-        if self.init_total not in (None, total):
-            raise ProtocolError("bad_field", "init chunk count changed")
-        self.init_total = total
-        self.init_parts[index] = (offset, bytes(frames[0]))
-        if len(self.init_parts) == total:
-            buf = bytearray(st.numel * 4)
-            covered = 0
-            for off, data in self.init_parts.values():
-                buf[off:off + len(data)] = data
-                covered += len(data)
-            if covered != st.numel * 4:
-                self.init_parts.clear()
-                self.init_total = None
-                raise ProtocolError("shape_mismatch", f"init chunks cover {covered} of {st.numel * 4} bytes")
-            w = torch.from_numpy(np.frombuffer(bytes(buf), dtype="<f4").copy())
-            if not bool(torch.isfinite(w).all()):
-                self.init_parts.clear()
-                self.init_total = None
-                raise ProtocolError("value_out_of_range", "initial weights contain NaN or infinity")
-            st.weights, st.version, st.hash = w, 0, genesis_hash(st.fingerprint, buf)
-            if self.cfg.rollout_bf16:
-                self.bf16_view = w.to(torch.bfloat16)
-            self.init_parts.clear()
-            peer = self.peers[worker]
-            peer.in_sync, peer.version = True, 0
-            self.send(identity, pack("welcome", version=0, hash=st.hash, round=st.round, numel=st.numel,
-                                     req=self._req, need_init=False, need_sync=False, need_snapshot=False))
+        if self.init_total not in (None, total) or index in self.init_parts:
+            raise ProtocolError("bad_field", "init chunk count changed or chunk repeated")
+        if self.init_total is None:
+            self.init_total, self._init_buf = total, torch.empty(st.numel, dtype=torch.float32)
+        raw = self._init_buf.numpy().view(np.uint8)
+        raw[offset:offset + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)  # one copy, into place
+        self.init_parts[index] = len(frames[0])
+        if len(self.init_parts) < total:
+            return
+        w, covered = self._init_buf, sum(self.init_parts.values())
+        self.init_parts.clear()
+        self.init_total, self._init_buf = None, None
+        if covered != st.numel * 4:
+            raise ProtocolError("shape_mismatch", f"init chunks cover {covered} of {st.numel * 4} bytes")
+        if not bool(torch.isfinite(w).all()):
+            raise ProtocolError("value_out_of_range", "initial weights contain NaN or infinity")
+        st.weights, st.version, st.hash = w, 0, genesis_hash(st.fingerprint, w.numpy())
+        if self.cfg.rollout_bf16:
+            self.bf16_view = w.to(torch.bfloat16)
+        peer = self.peers[worker]
+        peer.in_sync, peer.version = True, 0
+        self.send(identity, pack("welcome", version=0, hash=st.hash, round=st.round, numel=st.numel,
+                                 req=self._req, need_init=False, need_sync=False, need_snapshot=False))
 
     def on_heartbeat(self, identity, h, frames) -> None:
         pass  # last_seen was refreshed in handle()
@@ -386,16 +383,18 @@ class Coordinator:
         self.send(identity, pack("synced", version=self.state.version, hash=self.state.hash, count=len(replay)))
         self._mark_synced(worker)
 
-    def on_snapshot(self, identity, h, frames) -> None:
-        st = self.state
-        if st.weights is None:
-            raise ProtocolError("not_ready", "no weights yet")
-        raw = st.weights.numpy().view(np.uint8)
+    def _send_chunks(self, identity: bytes, op: str, tensor: torch.Tensor, **fields) -> None:
+        """A tensor's raw bytes in CHUNK_BYTES pieces: {index, total, offset} tell the receiver where."""
+        raw = tensor.view(torch.int16 if tensor.dtype == torch.bfloat16 else tensor.dtype).numpy().view(np.uint8)
         total = max(1, math.ceil(raw.size / CHUNK_BYTES))
         for i in range(total):
-            chunk = raw[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]
-            self.send(identity, pack("snapshot", version=st.version, hash=st.hash, index=i, total=total,
-                                     offset=i * CHUNK_BYTES), memoryview(chunk))
+            self.send(identity, pack(op, version=self.state.version, hash=self.state.hash, index=i, total=total,
+                                     offset=i * CHUNK_BYTES, **fields), memoryview(raw[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]))
+
+    def on_snapshot(self, identity, h, frames) -> None:
+        if self.state.weights is None:
+            raise ProtocolError("not_ready", "no weights yet")
+        self._send_chunks(identity, "snapshot", self.state.weights)
         self._mark_synced(h["worker"])
 
     def _mark_synced(self, worker: str) -> None:
@@ -528,14 +527,8 @@ class Coordinator:
             p.version = st.version
 
     def _send_anchor(self, identity: bytes) -> None:
-        st = self.state
-        src = self.bf16_view if self.cfg.rollout_bf16 else st.weights
-        raw = src.view(torch.int16).numpy().view(np.uint8) if src.dtype == torch.bfloat16 else src.numpy().view(np.uint8)
-        total = max(1, math.ceil(raw.size / CHUNK_BYTES))
-        for i in range(total):
-            self.send(identity, pack("anchor", version=st.version, hash=st.hash, index=i, total=total,
-                                     offset=i * CHUNK_BYTES, dtype="bfloat16" if src.dtype == torch.bfloat16 else "float32"),
-                      memoryview(raw[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]))
+        src = self.bf16_view if self.cfg.rollout_bf16 else self.state.weights
+        self._send_chunks(identity, "anchor", src, dtype="bfloat16" if src.dtype == torch.bfloat16 else "float32")
 
 
 # ---------------------------------------------------------------------- CLI

@@ -88,11 +88,15 @@ def field(h: dict, key: str, kind: type, lo: int | None = None, hi: int | None =
 
 
 def chain(prev_hash: str, payload: bytes | memoryview) -> str:
-    return hashlib.sha256(bytes.fromhex(prev_hash) + bytes(payload)).hexdigest()
+    h = hashlib.sha256(bytes.fromhex(prev_hash))
+    h.update(memoryview(payload).cast("B"))
+    return h.hexdigest()
 
 
-def genesis_hash(fingerprint: str, weights_bytes: bytes | memoryview) -> str:
-    return hashlib.sha256(fingerprint.encode() + bytes(weights_bytes)).hexdigest()
+def genesis_hash(fingerprint: str, weights_bytes) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(memoryview(weights_bytes).cast("B"))  # incremental: no copy of the weights
+    return h.hexdigest()
 
 
 def model_fingerprint(named_shapes) -> str:

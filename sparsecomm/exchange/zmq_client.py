@@ -101,6 +101,22 @@ class _Connection:
         self.sock.close(0)
 
 
+def receive_weights(conn: "_Connection", numel: int) -> tuple[torch.Tensor, dict]:
+    """Assemble a chunked fp32 `snapshot` into a tensor; other messages arriving meanwhile are skipped
+    (they predate the snapshot). Returns the weights and the last chunk's header (version, hash)."""
+    out = torch.empty(numel, dtype=torch.float32)
+    raw = out.numpy().view(np.uint8)
+    got, h = 0, None
+    while h is None or got < h["total"]:
+        hh, frames = conn.recv()
+        if hh["op"] != "snapshot":
+            continue
+        h = hh
+        raw[h["offset"]:h["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
+        got += 1
+    return out, h
+
+
 class CoordinatorClient:
     """A trainer's link: join (seed, replay or snapshot), push a delta, receive the verified aggregate.
 
@@ -117,7 +133,8 @@ class CoordinatorClient:
         """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'."""
         self._rejoin_args = (fingerprint, apply, load)
         self.numel = flat.numel()
-        raw = flat.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint8)
+        flat = flat.detach().to("cpu", torch.float32).contiguous()
+        raw = flat.numpy().view(np.uint8)
         if not self.hash:
             self.hash = genesis_hash(fingerprint, raw)
         deadline = time.monotonic() + self.conn.timeout_s
@@ -148,16 +165,8 @@ class CoordinatorClient:
             how = "replayed"
         elif h["need_snapshot"]:
             self.conn.send("snapshot")
-            buf = np.empty(self.numel * 4, dtype=np.uint8)
-            got = 0
-            while True:
-                hh, frames = self._expect("snapshot")
-                buf[hh["offset"]:hh["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
-                got += 1
-                if got == hh["total"]:
-                    break
-            load(torch.from_numpy(buf.view("<f4").copy()))
-            h = hh
+            weights, h = receive_weights(self.conn, self.numel)
+            load(weights)
             how = "snapshot"
         else:
             how = "in_sync"
@@ -297,16 +306,9 @@ class RolloutClient:
         if h["op"] != "welcome":
             raise CoordinatorError("protocol", f"expected welcome, got {h['op']!r}")
         self.conn.send("snapshot")
-        buf = np.empty(self.numel * 4, dtype=np.uint8)
-        got = 0
-        while got < 1 or got < hh["total"]:  # noqa: F821 (hh is bound in the loop)
-            hh, frames = self.conn.recv()
-            if hh["op"] != "snapshot":
-                continue  # a rollout delta for a version older than our snapshot: skip
-            buf[hh["offset"]:hh["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
-            got += 1
-        self.weights = torch.from_numpy(buf.view("<f4").copy()).to(torch.bfloat16)
-        self.version, self.hash = hh["version"], hh["hash"]
+        weights, h = receive_weights(self.conn, self.numel)
+        self.weights = weights.to(torch.bfloat16)
+        self.version, self.hash = h["version"], h["hash"]
 
     def poll(self, timeout_s: float = 0.0) -> int:
         """Apply whatever arrived (waiting up to timeout_s for the first message); return how many."""

@@ -17,8 +17,10 @@ Definitions (every number is reported with its definition in the key, never one 
     abs_threshold  |w_new - w_old| > abs_tau   (the research plan's definition; default 0, which
                    equals fp32_exact up to signed zeros)
 
-Plus |delta| max/mean/std, lr / median |w| (median from a fixed random sample of weights), and
-accumulated sparsity between weights K steps apart for each K in `k_steps`.
+Plus |delta| max/mean/std, lr / median |w| (median from a fixed random sample of weights,
+refreshed every `median_every` measured steps), and accumulated sparsity between weights K
+steps apart for each K in `k_steps`. `every=N` measures every N-th step (exactly, against the
+weights of the step before, snapshotted then) for 1/N of the cost.
 
 Snapshot modes and their memory cost (P = number of tracked weights):
 
@@ -48,7 +50,8 @@ MODES = {"fp32": DEFINITIONS, "cpu": DEFINITIONS, "bf16": ("bf16_view",)}
 class SparsityTracker:
     def __init__(self, model: nn.Module, mode: str = "fp32", rel_tau: float = 1e-3, abs_tau: float = 0.0,
                  k_steps: Iterable[int] = (10,), per_param: bool = True, hot_window: int = 0,
-                 hot_definition: str | None = None, median_sample: int = 65536, seed: int = 0):
+                 hot_definition: str | None = None, median_sample: int = 65536, seed: int = 0, every: int = 1,
+                 median_every: int = 10):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         if rel_tau < 0 or abs_tau < 0:
@@ -56,6 +59,11 @@ class SparsityTracker:
         self.k_steps = tuple(sorted(set(int(k) for k in k_steps)))
         if any(k < 2 for k in self.k_steps):
             raise ValueError(f"k_steps must be >= 2 (k=1 is the per-step sparsity), got {self.k_steps}")
+        if every < 1 or median_every < 1:
+            raise ValueError("every and median_every must be >= 1")
+        if every > 1 and (hot_window or any(k % every for k in self.k_steps)):
+            raise ValueError("with every > 1 the hot map needs every step (hot_window=0) and k_steps must be multiples of every")
+        self.every, self.median_every, self._median = every, median_every, None
         self.mode, self.rel_tau, self.abs_tau, self.per_param = mode, rel_tau, abs_tau, per_param
         self.definitions = MODES[mode]
         self.hot_definition = hot_definition or self.definitions[0]
@@ -100,9 +108,24 @@ class SparsityTracker:
                 "_absd": absd}
 
     @torch.no_grad()
+    def _refresh(self) -> None:
+        for name, p in self.params.items():
+            self.snap[name].copy_(p.detach())
+
+    @torch.no_grad()
     def step(self, lr: float | None = None) -> dict[str, float]:
-        """Compare the weights with the snapshot, update it, return this step's metrics."""
+        """Compare the weights with the snapshot, update it, return this step's metrics.
+
+        With every = N > 1 only every N-th step is measured (exactly: against the weights one step
+        earlier, snapshotted at the step before); other calls return {} and cost nothing, or one copy.
+        """
         self.steps += 1
+        if self.every > 1:
+            if self.steps % self.every == self.every - 1:
+                self._refresh()  # arm: the next step is measured against these weights
+                return {}
+            if self.steps % self.every:
+                return {}
         counts = {d: [] for d in self.definitions}
         absd_sum, absd_sq, absd_max = [], [], []
         names = list(self.params)
@@ -136,8 +159,11 @@ class SparsityTracker:
             out["update/mean_abs"] = mean
             out["update/std_abs"] = math.sqrt(max(sq / n - mean * mean, 0.0))
         if lr is not None:
-            sample = torch.cat([self.params[n].detach().reshape(-1)[self.sample_idx[n]].float().cpu() for n in names])
-            med = float(sample.abs().median()) if sample.numel() else float("nan")
+            if self._median is None or (self.steps // self.every) % self.median_every == 0:
+                # |w| moves slowly: a fixed sample, refreshed every median_every measured steps
+                sample = torch.cat([self.params[n].detach().reshape(-1)[self.sample_idx[n]].float().cpu() for n in names])
+                self._median = float(sample.abs().median()) if sample.numel() else float("nan")
+            med = self._median
             out["update/median_abs_w"] = med
             out["update/lr_over_median_abs_w"] = lr / med if med > 0 else float("inf")
         for k in self.k_steps:

@@ -142,3 +142,18 @@ def test_bad_config():
         SparsityTracker(TinyGPT(), k_steps=(1,))
     with pytest.raises(ValueError, match="hot_definition"):
         SparsityTracker(TinyGPT(), mode="bf16", hot_window=2, hot_definition="fp32_exact")
+
+
+def test_every_n_measures_exactly_the_nth_step():
+    model = TinyGPT()
+    tr = SparsityTracker(model, k_steps=(), every=2)
+    w = model.h[0].attn.c_attn.weight.data.view(-1)
+    out = []
+    for step in range(4):
+        w[: step + 1] += 1e-2  # step s changes s + 1 weights
+        out.append(tr.step())
+    assert out[0] == {} and out[2] == {}
+    assert out[1]["sparsity/fp32_exact/kind/attention"] == pytest.approx(1 - 2 / 100)  # only step 2's change
+    assert out[3]["sparsity/fp32_exact/kind/attention"] == pytest.approx(1 - 4 / 100)
+    with pytest.raises(ValueError, match="multiples"):
+        SparsityTracker(model, k_steps=(3,), every=2)

@@ -27,8 +27,5 @@ demo-codec: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-bench-codec: $(STAMP)
-	$(PY) benchmarks/bench_codec.py
-
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

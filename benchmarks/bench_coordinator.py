@@ -74,10 +74,13 @@ def run_config(link: str, P: int, numel: int, mode: str, rounds: int, port: int)
             workers.append(cluster.popen(r + 1, wcmd, env=env) if cluster else subprocess.Popen(wcmd, env=env))
         rss = []
         while any(w.poll() is None for w in workers):
-            rss.append(rss_gib(coord.pid if not cluster else _child_pid(coord.pid)))
+            if any(w.poll() not in (None, 0) for w in workers):  # a dead trainer would stall every round: stop now
+                for w in workers:
+                    if w.poll() is None:
+                        w.kill()
+                raise RuntimeError(f"{link} P={P} {mode}: a worker failed (exit codes {[w.poll() for w in workers]})")
+            rss.append(rss_gib(coord.pid))  # `ip netns exec` execs in place: the pid is the coordinator's
             time.sleep(0.5)
-        if any(w.returncode for w in workers):
-            raise RuntimeError(f"{link} P={P} {mode}: a worker failed")
         metrics = scrape(port + 1) if not cluster else _scrape_in_ns(cluster, port + 1)
     finally:
         if cluster:
@@ -92,20 +95,15 @@ def run_config(link: str, P: int, numel: int, mode: str, rounds: int, port: int)
     row = {"link": link if link == "loopback" else f"{link} Mbit/s", "P": P, "numel": numel, "mode": mode,
            "round_s": min(steady), "rounds_per_s": 1 / min(steady), "payload_bytes": res[0]["payload_bytes"],
            "aggregate_bytes_per_worker": agg_bytes, "aggregate_k": res[0]["rows"][-1]["aggregate_k"],
-           "coordinator_in_bytes_per_round": metrics.get("sparsecomm_coordinator_received_bytes_total", 0) / rounds,
-           "coordinator_out_bytes_per_round": metrics.get("sparsecomm_coordinator_sent_bytes_total", 0) / rounds,
+           "rounds": rounds,
+           "coordinator_in_bytes_total": metrics.get("sparsecomm_coordinator_received_bytes_total", 0),
+           "coordinator_out_bytes_total": metrics.get("sparsecomm_coordinator_sent_bytes_total", 0),
            "coordinator_rss_gib_max": max(rss) if rss else float("nan"),
            "coordinator_rss_gib_last": rss[-1] if rss else float("nan"),
            "coordinator_round_latency_s": metrics.get("sparsecomm_coordinator_round_seconds_sum", 0) / max(1, metrics.get("sparsecomm_coordinator_round_seconds_count", 1))}
-    row["coordinator_out_MBps"] = row["coordinator_out_bytes_per_round"] / row["round_s"] / 1e6
     print(f"  {row['link']} P={P} {mode}: {row['round_s']:.2f} s/round, aggregate {agg_bytes / 1e6:.1f} MB/worker, "
           f"coordinator RSS max {row['coordinator_rss_gib_max']:.2f} GiB", flush=True)
     return row
-
-
-def _child_pid(pid: int) -> int:
-    """`ip netns exec` execs the command, so the pid is the coordinator's own."""
-    return pid
 
 
 def _scrape_in_ns(cluster, port) -> dict:
@@ -120,11 +118,46 @@ def _scrape_in_ns(cluster, port) -> dict:
     return res
 
 
+def render(rows: list[dict], ok: bool, why: str, quick: bool) -> list[str]:
+    md = ["Round time: push to verified aggregate, max over trainers, best steady round (after the first). "
+          "Deltas: 1% of the size, bf16 values, Rice indices. `exact`: mean over the union, fp32 (grows with P); "
+          "`resparsify`: top-k 1% of the mean with coordinator error feedback, bf16 (constant). Per-round traffic "
+          "through the coordinator = P x push in, P x aggregate out (the encoded buffers, headers included); the "
+          "Prometheus totals also count the one-time seeding of the weights at join (0.5 GB) and snapshots. "
+          "RSS of the coordinator from /proc while it ran.\n\n",
+          table(["link", "P", "mode", "s/round", "rounds/s", "push B/worker", "aggregate B/worker", "coord in MB/round",
+                 "coord out MB/round", "coord out MB/s", "Prometheus in/out MB (incl. join)", "coord RSS max GiB",
+                 "RSS at end GiB"],
+                [[r["link"], r["P"], r["mode"], f"{r['round_s']:.2f}", f"{r['rounds_per_s']:.2f}", f"{r['payload_bytes']:,}",
+                  f"{r['aggregate_bytes_per_worker']:,}", f"{r['P'] * r['payload_bytes'] / 1e6:.1f}",
+                  f"{r['P'] * r['aggregate_bytes_per_worker'] / 1e6:.1f}",
+                  f"{r['P'] * r['aggregate_bytes_per_worker'] / r['round_s'] / 1e6:.0f}",
+                  f"{r['coordinator_in_bytes_total'] / 1e6:.0f} / {r['coordinator_out_bytes_total'] / 1e6:.0f}",
+                  f"{r['coordinator_rss_gib_max']:.2f}", f"{r['coordinator_rss_gib_last']:.2f}"] for r in rows])]
+    if not ok:
+        md.append(f"\nEmulated hosts skipped: {why}.\n")
+    if not quick:
+        md.append("\nNot run: `exact` with 16 trainers (a 16-way union at 1% is ~15% dense in fp32: ~90 MB to each "
+                  "of 16 workers per round, ~1.4 GB/round through one 2-core coordinator).\n")
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rebuild results/coordinator.md from results/coordinator.json")
     a = ap.parse_args()
     ok, why = can_create_namespaces()
+    if a.render:
+        from common import RESULTS
+
+        data = json.loads((RESULTS / "coordinator.json").read_text())
+        md = render(data["rows"], ok, why, False)
+        head = (RESULTS / "coordinator.md").read_text().split("\n\n", 1)[0]  # title, command, date, machine as measured
+        body = (RESULTS / "coordinator.md").read_text().split("\n\n")[1]
+        (RESULTS / "coordinator.md").write_text(head + "\n\n" + body + "\n\n" + "".join(md))
+        print("re-rendered", RESULTS / "coordinator.md")
+        return 0
     if a.quick:
         plan = [("loopback", P, 1_000_000, mode, 3) for P in (2, 4) for mode in ("exact", "resparsify")]
     else:
@@ -137,21 +170,7 @@ def main() -> int:
     for cfg in plan:
         port += 10
         rows.append(run_config(*cfg, port=port))
-    md = ["Round time: push to verified aggregate, max over trainers, best steady round (after the first). "
-          "Deltas: 1% of the size, bf16 values, Rice indices. `exact`: mean over the union, fp32 (grows with P); "
-          "`resparsify`: top-k 1% of the mean with coordinator error feedback, bf16 (constant). Coordinator bytes "
-          "from its Prometheus counters; RSS from /proc while it ran.\n\n",
-          table(["link", "P", "mode", "s/round", "rounds/s", "push B/worker", "aggregate B/worker", "coord in MB/round",
-                 "coord out MB/round", "coord out MB/s", "coord RSS max GiB", "RSS at end GiB"],
-                [[r["link"], r["P"], r["mode"], f"{r['round_s']:.2f}", f"{r['rounds_per_s']:.2f}", f"{r['payload_bytes']:,}",
-                  f"{r['aggregate_bytes_per_worker']:,}", f"{r['coordinator_in_bytes_per_round'] / 1e6:.1f}",
-                  f"{r['coordinator_out_bytes_per_round'] / 1e6:.1f}", f"{r['coordinator_out_MBps']:.0f}",
-                  f"{r['coordinator_rss_gib_max']:.2f}", f"{r['coordinator_rss_gib_last']:.2f}"] for r in rows])]
-    if not ok:
-        md.append(f"\nEmulated hosts skipped: {why}.\n")
-    if not a.quick:
-        md.append("\nNot run: `exact` with 16 trainers (a 16-way union at 1% is ~15% dense in fp32: ~90 MB to each "
-                  "of 16 workers per round, ~1.4 GB/round through one 2-core coordinator).\n")
+    md = render(rows, ok, why, a.quick)
     print("".join(md))
     if not a.quick:
         print("wrote", write_results("coordinator", {"rows": rows}, "".join(md)))

@@ -37,7 +37,14 @@ class Example:
     meta: tuple = ()
 
 
-class Addition:
+class ExactAnswer:
+    """Tasks whose only correct completion is the reference answer."""
+
+    def correct(self, ex: Example, completion: str) -> bool:
+        return completion == ex.answer
+
+
+class Addition(ExactAnswer):
     name = "addition"
     alphabet = set("0123456789")
 
@@ -49,11 +56,8 @@ class Addition:
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         return Example(f"{a:0{self.digits}d}+{b:0{self.digits}d}=", str(a + b), (a, b))
 
-    def correct(self, ex: Example, completion: str) -> bool:
-        return completion == ex.answer
 
-
-class SortDigits:
+class SortDigits(ExactAnswer):
     name = "sort"
     alphabet = set("0123456789")
 
@@ -63,9 +67,6 @@ class SortDigits:
     def example(self, rng: random.Random) -> Example:
         s = "".join(rng.choice("0123456789") for _ in range(self.length))
         return Example(f"sort {s}=", "".join(sorted(s)), (s,))
-
-    def correct(self, ex: Example, completion: str) -> bool:
-        return completion == ex.answer
 
 
 class Countdown:

@@ -210,9 +210,11 @@ class ASPG(Optimizer):
         mass = torch.sort(sample, descending=True).values.cumsum(0)
         need = (1 - o["adaptive_epsilon"]) * float(mass[-1]) if m else 0.0
         frac = (int(torch.searchsorted(mass, torch.tensor([need], device=mass.device))[0]) + 1) / max(m, 1)
-        agreed = torch.tensor([min(max(frac, o["min_density"]), o["max_density"])], dtype=torch.float64,
-                              device=self.transport.device if hasattr(self.transport, "device") else "cpu")
-        self.transport.all_reduce_mean_(agreed)  # every rank must choose the same k and path
+        density = min(max(frac, o["min_density"]), o["max_density"])
+        if self.transport.world_size == 1:  # one worker, or the coordinator (which accepts any k per worker)
+            return density
+        agreed = torch.tensor([density], dtype=torch.float64, device=getattr(self.transport, "device", "cpu"))
+        self.transport.all_reduce_mean_(agreed)  # collective peers must choose the same k and path
         return float(agreed)
 
     def choose_path(self, density: float) -> str:

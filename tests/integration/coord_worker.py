@@ -29,12 +29,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--curve", nargs=2, default=None, help="client .key_secret and server .key")
     ap.add_argument("--timeout-s", type=float, default=30)
+    ap.add_argument("--adaptive", action="store_true", help="ASPG adaptive density (each worker its own k)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     m = model()
     tr = CoordinatorTransport(a.endpoint, a.worker, timeout_s=a.timeout_s, heartbeat_s=0.2,
                               curve=tuple(a.curve) if a.curve else None)
-    opt = ASPG(m.parameters(), lr=1e-2, density=0.05, value_codec="fp32", transport=tr)
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.05, value_codec="fp32", transport=tr,
+               **({"adaptive_epsilon": 0.5, "min_density": 0.01, "max_density": 0.2} if a.adaptive else {}))
     g = torch.Generator().manual_seed(int(hashlib.sha256(a.worker.encode()).hexdigest(), 16) % 2**31)
     for step in range(a.steps):
         if step == a.die_after:

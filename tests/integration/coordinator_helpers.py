@@ -41,9 +41,11 @@ def running_coordinator(**cfg):
         assert not t.is_alive(), "coordinator did not stop"
 
 
-def start_trainer(endpoint, worker, out, steps=5, die_after=-1, curve=None, timeout_s=30):
+def start_trainer(endpoint, worker, out, steps=5, die_after=-1, curve=None, timeout_s=30, adaptive=False):
     cmd = [sys.executable, "-m", "tests.integration.coord_worker", "--endpoint", endpoint, "--worker", worker,
            "--steps", str(steps), "--die-after", str(die_after), "--out", str(out), "--timeout-s", str(timeout_s)]
+    if adaptive:
+        cmd.append("--adaptive")
     if curve:
         cmd += ["--curve", *curve]
     return subprocess.Popen(cmd, cwd=str(ROOT), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},

@@ -40,6 +40,16 @@ def test_three_trainers_stay_identical_and_match_the_coordinator(tmp_path):
         assert m["comm/path"] == "sparse" and 0 < m["comm/sent_bytes"] < 4 * c.state.numel
 
 
+def test_adaptive_density_through_the_coordinator(tmp_path):
+    """Each trainer picks its own k; no collective agreement is attempted through the coordinator."""
+    with running_coordinator(deadline_s=30, min_trainers=2) as c:
+        wait_all([start_trainer(c.endpoint, n, tmp_path / f"{n}.json", steps=4, adaptive=True) for n in ("t0", "t1")])
+        res = results(tmp_path, ["t0", "t1"])
+        assert len(flat_digest(res)) == 1 and c.state.version == 4
+        assert c.metrics.registry.get_sample_value("sparsecomm_coordinator_rejected_messages_total",
+                                                   {"reason": "shape_mismatch"}) == 0
+
+
 def test_killed_worker_stalls_nobody_and_rejoins(tmp_path):
     with running_coordinator(deadline_s=30, heartbeat_timeout_s=1.0, min_trainers=3) as c:
         dying = start_trainer(c.endpoint, "t2", tmp_path / "x.json", steps=8, die_after=2)

@@ -258,6 +258,9 @@ class Trainer:
             else:
                 if hook_state is not None and hasattr(hook_state, "last_metrics"):
                     stats.update(hook_state.last_metrics)
+                elif self.world > 1 and cfg.comm == "powersgd":
+                    stats.update({"comm/sent_bytes": powersgd_bytes(self.model, cfg.powersgd_rank, self.world, step),
+                                  "comm/path": "powersgd", "comm/bytes_are": "formula"})
                 elif self.world > 1:
                     stats.update({"comm/sent_bytes": ring_allreduce_bytes(numel, 4, self.world), "comm/path": "dense"})
                 comm.dense_baseline(step, list(self.model.parameters()))
@@ -284,6 +287,22 @@ class Trainer:
         finally:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()  # avoids aborts at interpreter exit under torchrun
+
+
+def powersgd_bytes(model, rank: int, world: int, step: int, start_iter: int = 2) -> int:
+    """Per-worker ring all-reduce volume of PyTorch's PowerSGD hook (a formula, not a count): dense
+    before `start_iter`; then each matrix m x n sends its rank-r factors P (m x r) and Q (n x r),
+    unless that would not compress by 2x (the hook's min_compression_rate), and vectors go dense."""
+    if step < start_iter:
+        return ring_allreduce_bytes(sum(p.numel() for p in model.parameters()), 4, world)
+    floats = 0
+    for p in model.parameters():
+        if p.dim() >= 2:
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            floats += (m + n) * rank if (m + n) * rank * 2 <= m * n else m * n
+        else:
+            floats += p.numel()
+    return ring_allreduce_bytes(floats, 4, world)
 
 
 def format_summary(s: dict, cfg: TrainConfig, world: int) -> str:

@@ -12,7 +12,8 @@ indices in turn, so every replica computes the same bits.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import itertools
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -61,49 +62,42 @@ def _decode_from(rank: int, buf, numel: int) -> SparseDelta:
     return d
 
 
-def mean_of_deltas(deltas, numel: int, device=None) -> SparseDelta:
+def mean_of_deltas(deltas: Iterable[SparseDelta], numel: int, total_entries: int, device=None) -> SparseDelta:
     """Mean of sparse deltas over (numel,), deterministically: rank-order sums of unique indices.
 
-    Two strategies, same bits. `deltas` may be a list or an iterator (decoded lazily).
-    - sparse union (P x k small vs numel): `torch.unique` over all indices, O(P k) memory;
-    - dense accumulation (P x k > numel / 8): one delta at a time into an O(numel) buffer, so P
-      large deltas are never held at once (at 10% density and P = 8 the union would need
-      ~20 bytes x 0.8 numel; the buffer needs 5 bytes x numel).
+    Two strategies, same bits, chosen from `total_entries` (sum of the deltas' k, or an estimate):
+    - sparse union (total <= numel / 8): `torch.unique` over all indices, O(total) memory;
+    - dense accumulation (total > numel / 8): one delta at a time into an O(numel) buffer, so
+      `deltas` may be a lazy iterator and large deltas are never all held at once (at 10% density
+      and P = 8 the union would need ~20 bytes x 0.8 numel; the buffer needs 5 bytes x numel).
     """
-    it = iter(deltas)
-    first = next(it, None)
-    if first is None:
-        return SparseDelta.empty((numel,))
-    rest = list(it) if isinstance(deltas, list) else None
-    count = 1 + (len(rest) if rest is not None else 0)
-    P_hint = count if rest is not None else None
-    if rest is None or first.k * P_hint > numel // 8:
+    if total_entries > numel // 8:
         acc = torch.zeros(numel, dtype=torch.float32)
         touched = torch.zeros(numel, dtype=torch.bool)
         count = 0
-        for d in ([first, *rest] if rest is not None else _chain(first, it)):
+        for d in deltas:
             acc.index_add_(0, d.indices, d.values.to(torch.float32))
             touched[d.indices] = True
             count += 1
         union = torch.nonzero(touched).squeeze(1)
         summed = acc[union]
     else:
-        ds = [first, *rest]
+        ds = list(deltas)
+        count = len(ds)
+        if not ds:
+            return SparseDelta.empty((numel,))
         union, inverse = torch.unique(torch.cat([d.indices for d in ds]), sorted=True, return_inverse=True)
         summed = torch.zeros(union.numel(), dtype=torch.float32)
         start = 0
         for d in ds:  # rank order; indices unique within one delta -> deterministic index_add_
             summed.index_add_(0, inverse[start:start + d.k], d.values.to(torch.float32))
             start += d.k
+    if count == 0:
+        return SparseDelta.empty((numel,))
     summed.div_(count)
     if device is not None:
         union, summed = union.to(device), summed.to(device)
     return SparseDelta(union, summed, (numel,), torch.float32)
-
-
-def _chain(first, it):
-    yield first
-    yield from it
 
 
 def apply_mean_(payloads: Sequence[memoryview | bytes], numel: int, add, timing: dict | None = None) -> int:
@@ -130,15 +124,13 @@ def apply_mean_(payloads: Sequence[memoryview | bytes], numel: int, add, timing:
 
 
 def aggregate_mean(payloads: Sequence[memoryview | bytes], numel: int, device=None) -> SparseDelta:
-    """Decode every worker's message (rank order) and average them (see `mean_of_deltas`).
+    """Decode every worker's message (rank order, lazily) and average them (see `mean_of_deltas`).
 
-    Small totals decode all messages up front; large ones decode one at a time while summing.
+    The total entry count is estimated from the first message (k x P) before the rest are decoded.
     """
     first = _decode_from(0, payloads[0], numel)
-    if first.k * len(payloads) > numel // 8:
-        lazy = (_decode_from(r, payloads[r], numel) for r in range(1, len(payloads)))
-        return mean_of_deltas(_chain(first, lazy), numel, device)
-    return mean_of_deltas([first] + [_decode_from(r, payloads[r], numel) for r in range(1, len(payloads))], numel, device)
+    rest = (_decode_from(r, payloads[r], numel) for r in range(1, len(payloads)))
+    return mean_of_deltas(itertools.chain([first], rest), numel, first.k * len(payloads), device)
 
 
 HEADER_BYTES = 160  # framing + msgpack header of a one-tensor message, for the volume prediction

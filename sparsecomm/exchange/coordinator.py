@@ -43,7 +43,7 @@ from ..codec import CodecError, decode, encode
 from ..compress import ErrorFeedback, SampledThreshold, k_for
 from ..delta import SparseDelta
 from .base import mean_of_deltas
-from .protocol import REASONS, ROLES, ProtocolError, chain, field as hfield, genesis_hash, pack, unpack_header
+from .protocol import OPS_IN, REASONS, ROLES, ProtocolError, chain, field as hfield, genesis_hash, pack, unpack_header
 
 log = logging.getLogger("sparsecomm.coordinator")
 CHUNK_BYTES = 8 << 20
@@ -277,8 +277,7 @@ class Coordinator:
             h = unpack_header(bytes(frames[1].buffer))
             self._req = h.get("req") if type(h.get("req")) is int else None
             op = h["op"]
-            handler = getattr(self, f"on_{op}", None) if op in ("join", "init", "push", "heartbeat", "sync",
-                                                                  "snapshot", "leave") else None
+            handler = getattr(self, f"on_{op}") if op in OPS_IN else None
             if handler is None:
                 raise ProtocolError("unknown_op", f"unknown op {op!r}")
             if op != "join":
@@ -469,7 +468,7 @@ class Coordinator:
         st = self.state
         contributors = sorted(self.pending)
         deltas = [self.pending[w] for w in contributors] + self.late_deltas  # fixed order: deterministic
-        mean = mean_of_deltas(deltas, st.numel)
+        mean = mean_of_deltas(deltas, st.numel, sum(d.k for d in deltas))
         out = mean
         if self.cfg.resparsify_density > 0:
             e = self.ef.compensate("agg", mean.to_dense())

@@ -94,6 +94,13 @@ class ASPG(Optimizer):
         self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if len({p.device for p in self._params}) > 1:
             raise ValueError("ASPG keeps one flat buffer: all parameters must be on one device")
+        # a param group may carry its own "density" (e.g. one group per layer kind): per-tensor budgets only
+        self._group_density = [g.get("density") for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if any(d is not None for d in self._group_density):
+            if budget != "per_tensor":
+                raise ValueError("param groups with their own 'density' need budget='per_tensor'")
+            if not all(d is None or 0 < d <= 1 for d in self._group_density):
+                raise ValueError(f"param-group densities must be in (0, 1], got {sorted(set(self._group_density) - {None})}")
         self._offsets, off = [], 0
         for p in self._params:
             self._offsets.append(off)
@@ -221,9 +228,18 @@ class ASPG(Optimizer):
         return self.chooser.choose(self.numel, density, self.transport.world_size,
                                    VALUE_CODECS[self.options["value_codec"]].bytes_per_value)
 
+    def _tensor_densities(self, density: float) -> list[float]:
+        """Each tensor's density this exchange: its group's, if set (warm-up excepted), else `density`."""
+        if self.steps <= self.options["warmup_steps"]:
+            return [1.0] * len(self._params)
+        return [density if gd is None else gd for gd in self._group_density]
+
     def _exchange(self) -> None:
         c, o = self.comm, self.options
         density = self.current_density()
+        per_tensor = self._tensor_densities(density)
+        if o["budget"] == "per_tensor":  # what the per-tensor budgets add up to, for the path decision
+            density = sum(k_for(p.numel(), d) for p, d in zip(self._params, per_tensor)) / max(self.numel, 1)
         path = self.choose_path(density)
         flat = self.ef.residuals["flat"]
         P = self.transport.world_size
@@ -240,7 +256,7 @@ class ASPG(Optimizer):
                 c.note(path="dense", k=self.numel, density=1.0)
             else:
                 with c.phase("select"):
-                    d = self._select(density)
+                    d = self._select(density, per_tensor)
                     d = roundtrip_values(d, o["value_codec"])
                     self.ef.update("flat", d)
                 d.step, d.base_version = self.steps, self.version
@@ -259,15 +275,15 @@ class ASPG(Optimizer):
             self.chooser.observe(path, self.transport.max_over_ranks(c.timing_s["exchange"]))
         self.version += 1
 
-    def _select(self, density: float) -> SparseDelta:
+    def _select(self, density: float, per_tensor: list[float]) -> SparseDelta:
         flat = self.ef.residuals["flat"]
         if self.options["budget"] == "global":
             return self.selector.select(flat, k_for(self.numel, density), self._score)
         parts_i, parts_v = [], []
-        for p, off in zip(self._params, self._offsets):
+        for p, off, pd in zip(self._params, self._offsets, per_tensor):
             view = flat[off:off + p.numel()]
             score = None if self._score is None else self._score[off:off + p.numel()]
-            d = self.selector.select(view, k_for(p.numel(), density), score)
+            d = self.selector.select(view, k_for(p.numel(), pd), score)
             parts_i.append(d.indices + off)
             parts_v.append(d.values)
         return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), torch.float32)

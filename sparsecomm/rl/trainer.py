@@ -1,4 +1,5 @@
-"""The training job: SFT warm start, then GRPO, under any communication mode, fully tracked.
+"""The training job: SFT warm start, then a measured phase (GRPO by default), under any
+communication mode, fully tracked.
 
     cfg = TrainConfig.from_args(["--config", "launch/recipes/demo.yaml", "rl_steps=50"])
     trainer = Trainer(cfg); trainer.train(); trainer.close()
@@ -13,10 +14,16 @@ Communication modes for the RL phase (`comm`):
     powersgd     DDP + PyTorch's PowerSGD hook (rank `powersgd_rank`, one bucket), with `optimizer`
 
 The SFT warm start is always dense (AdamW; DDP when distributed): it only brings the policy to
-where RL has a signal, and is not what the run measures. Every RL step records one StepStats
+where RL has a signal, and is not what the run measures. The measured phase (`phase`) is GRPO
+(`rl`), or, for the research matrix's task comparison, continued SFT (`sft`) or language-model
+pretraining on the task's corpus (`pretrain`), from the same warm start with the same optimizer,
+`rl_steps` and `rl_lr`. `precision=bf16` casts the model to bf16 after the warm start (pure-bf16
+training: weights and optimizer state in bf16); `fp32` keeps fp32 master weights. Every RL step records one StepStats
 per rank (reward, sparsity by definition, bytes, phases, a measured dense all-reduce every
 `dense_baseline_every` steps) to RUN_DIR/stats_rank{R}.jsonl, Prometheus (when
-`metrics_port` >= 0) and the console.
+`metrics_port` >= 0) and the console. With `checkpoint_every` > 0 the trainer saves
+RUN_DIR/checkpoint.pt (model, optimizer, RNG, data cursor; one file per rank) and `resume=true`
+continues from it bit-exactly: the resumed run's weights equal an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -35,12 +42,15 @@ import torch.distributed as dist
 
 from ..track import CommTracker, ConsoleSink, JsonlSink, PrometheusSink, Recorder, SparsityTracker, StepStats
 from ..track.comm import ring_allreduce_bytes
-from .losses import GRPOConfig, evaluate, grpo_loss, sft_loss
+from ..track.rank import RankTracker, stacked_rank
+from .losses import GRPOConfig, evaluate, grpo_loss, pretrain_loss, sft_loss
 from .models import build_model, char_tokenizer
 from .tasks import datasets, make_reward, make_task
 
 COMMS = ("local", "aspg", "coordinator", "ddp", "hook", "powersgd")
 OPTIMIZERS = ("aspg", "adamw", "sgd", "adafactor")
+PHASES = ("rl", "sft", "pretrain")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -57,8 +67,14 @@ class TrainConfig:
     sft_steps: int = 300
     sft_lr: float = 3e-3
     sft_batch: int = 32
+    phase: str = "rl"
+    """The measured phase after the warm start: rl (GRPO) | sft | pretrain."""
     rl_steps: int = 60
+    """Steps of the measured phase (RL, or SFT/pretrain with phase=sft|pretrain)."""
     rl_lr: float = 1e-3
+    """Learning rate of the measured phase (constant)."""
+    precision: str = "fp32"
+    """fp32 master weights, or bf16: the model (and optimizer state) in bf16 for the measured phase."""
     prompts_per_step: int = 8
     """Prompts per rank per RL step (each sampled group_size times)."""
     grpo: dict = field(default_factory=dict)
@@ -71,18 +87,54 @@ class TrainConfig:
     """Extra ASPG options (warmup_steps, importance, budget, switch, ...)."""
     coordinator: str = ""
     powersgd_rank: int = 1
+    kind_density: dict = field(default_factory=dict)
+    """ASPG density per layer kind (attention, mlp, norm, embedding, other), e.g. {norm: 1.0};
+    kinds not named use `density`. Selection then runs per tensor (budget per_tensor)."""
     dense_baseline_every: int = 10
     tracker_mode: str = "fp32"
+    k_steps: list = field(default_factory=lambda: [10])
+    """Accumulated sparsity between weights K steps apart, for each K."""
+    per_param_stats: bool = True
+    """Per-parameter sparsity keys in StepStats (per layer kind and global are always there)."""
+    hot_window: int = 0
+    """Hot-parameter map window in steps (0: off); heatmaps go to RUN_DIR/hot_maps_rank{R}.npz."""
+    hot_definition: str = "bf16_view"
+    rank_every: int = 0
+    """Gradient rank (per matrix, and the stacked method over `rank_stack` steps) every N steps (0: off)."""
+    rank_stack: int = 8
+    checkpoint_every: int = 0
+    """Save RUN_DIR/checkpoint_rank{R}.pt every N measured steps (0: only at the end if resume is wanted)."""
+    resume: bool = False
+    """Continue from RUN_DIR's checkpoint (same config): exact, the warm start is not repeated."""
     eval_size: int = 200
     metrics_port: int = -1
     """Prometheus port (0: any free port; -1: off). Rank r serves on metrics_port + r."""
     console_every: int = 10
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # YAML reads 1e-5 (no dot) as a string; numbers given as strings are converted
+            v = getattr(self, f.name)
+            if f.type in ("float", "int") and isinstance(v, str):
+                try:
+                    setattr(self, f.name, float(v) if f.type == "float" else int(v))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a {f.type}, got {v!r}") from None
         if self.comm not in COMMS:
             raise ValueError(f"comm must be one of {COMMS}, got {self.comm!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.kind_density and self.optimizer != "aspg":
+            raise ValueError("kind_density sets ASPG's per-layer-kind density: it needs optimizer=aspg")
+        if not all(0 < float(v) <= 1 for v in self.kind_density.values()):
+            raise ValueError(f"kind_density values must be in (0, 1], got {self.kind_density}")
+        if self.rank_every < 0 or self.rank_stack < 2 or self.hot_window < 0 or self.checkpoint_every < 0:
+            raise ValueError("need rank_every >= 0, rank_stack >= 2, hot_window >= 0, checkpoint_every >= 0")
+        if any(int(k) < 2 for k in self.k_steps):
+            raise ValueError(f"k_steps must be >= 2, got {self.k_steps}")
         if self.comm in ("aspg", "coordinator", "local") and self.optimizer != "aspg" and self.comm != "local":
             raise ValueError(f"comm={self.comm!r} is ASPG's exchange: use optimizer=aspg (or comm=ddp/hook/powersgd)")
         if self.comm in ("ddp", "hook", "powersgd") and self.optimizer == "aspg":
@@ -150,17 +202,25 @@ class Trainer:
         tok = char_tokenizer() if cfg.model in ("tiny", "small", "medium") else None
         self.model, self.tok = build_model(cfg.model, tok, seed=cfg.seed)  # same init on every rank
         self.grpo = GRPOConfig(**cfg.grpo)
-        sinks = [JsonlSink(self.run_dir / f"stats_rank{self.rank}.jsonl")]
+        self.prom = None
+        self.ck = self._load_checkpoint() if cfg.resume else None
+        if self.ck is not None:
+            self._truncate_stats(self.ck["step"])
+        self.recorder = self._make_recorder(append=self.ck is not None)
+        self.summary: dict = {}
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+
+    def _make_recorder(self, append: bool) -> Recorder:
+        """JSONL (appending on a resume), console on rank 0, Prometheus when metrics_port >= 0."""
+        cfg = self.cfg
+        sinks = [JsonlSink(self.run_dir / f"stats_rank{self.rank}.jsonl", mode="a" if append else "w")]
         if self.rank == 0:
             sinks.append(ConsoleSink(every=cfg.console_every))
-        self.prom = None
         if cfg.metrics_port >= 0:
             self.prom = PrometheusSink(port=cfg.metrics_port + self.rank if cfg.metrics_port else 0, rank=self.rank,
                                        run=self.run_dir.name, addr="0.0.0.0" if self.world > 1 else "127.0.0.1")
             sinks.append(self.prom)
-        self.recorder = Recorder(sinks)
-        self.summary: dict = {}
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        return Recorder(sinks)
 
     # ------------------------------------------------------------------ phases
     def _ddp(self, **kw):
@@ -183,12 +243,20 @@ class Trainer:
             loss.backward()
             opt.step()
             sched.step()
-            if self.rank == 0 and (step % 100 == 0 or step == cfg.sft_steps - 1):
+            if self.rank == 0 and cfg.console_every <= cfg.sft_steps and (step % 100 == 0 or step == cfg.sft_steps - 1):
                 print(f"sft step {step:4d} | loss {float(loss.detach()):.4f}", flush=True)
 
     def _rl_optimizer(self):
         cfg = self.cfg
         params = self.model.parameters()
+        if cfg.kind_density:  # one param group per layer kind, each with its own density
+            from ..track.layers import named_parameter_kinds
+
+            kinds = named_parameter_kinds(self.model)
+            groups: dict[str, list] = {}
+            for name, p in self.model.named_parameters():
+                groups.setdefault(kinds.get(name, "other"), []).append(p)
+            params = [{"params": ps, "density": float(cfg.kind_density.get(kind, cfg.density))} for kind, ps in groups.items()]
         if cfg.optimizer == "aspg":
             from ..optim import ASPG
 
@@ -203,7 +271,7 @@ class Trainer:
                 transport = CoordinatorTransport(cfg.coordinator, f"trainer-{self.rank}")
             return ASPG(params, lr=cfg.rl_lr, density=cfg.density, value_codec=cfg.value_codec, transport=transport,
                         dense_baseline_every=cfg.dense_baseline_every if self.world > 1 else 0, seed=cfg.seed + self.rank,
-                        **cfg.aspg)
+                        **({"budget": "per_tensor"} if cfg.kind_density else {}), **cfg.aspg)
         if cfg.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=cfg.rl_lr)
         if cfg.optimizer == "sgd":
@@ -212,7 +280,9 @@ class Trainer:
 
         return Adafactor(params, lr=cfg.rl_lr, scale_parameter=False, relative_step=False)
 
-    def _rl_model(self):
+    def _rl_model(self, saved_hook_state=None):
+        """The model the measured phase runs (DDP-wrapped for DDP modes) and its comm-hook state
+        (a checkpoint's, on resume)."""
         cfg = self.cfg
         if cfg.comm in ("local", "aspg", "coordinator") or self.world == 1:
             return self.model, None
@@ -222,36 +292,96 @@ class Trainer:
             from ..exchange import SparseHookState, sparse_topk_hook
 
             m = self._ddp()
-            state = SparseHookState(density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed + self.rank)
+            state = saved_hook_state or SparseHookState(density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed + self.rank)
             m.register_comm_hook(state, sparse_topk_hook)
             return m, state
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
         m = self._ddp(bucket_cap_mb=10_000)  # one bucket: powerSGD_hook on gloo breaks with several
-        state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank, start_powerSGD_iter=2)
+        state = saved_hook_state or psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
+                                                      start_powerSGD_iter=2)
         m.register_comm_hook(state, psgd.powerSGD_hook)
         return m, state
 
-    def rl(self) -> None:
+    def _phase_loss(self, model, ref, rng: random.Random):
+        """One batch of the measured phase: (loss, metrics)."""
         cfg = self.cfg
-        self.summary["eval_accuracy_before_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set, self.grpo.max_new_tokens)
-        ref = copy.deepcopy(self.model).eval().requires_grad_(False) if self.grpo.beta > 0 else None
-        model, hook_state = self._rl_model()
+        if cfg.phase == "rl":
+            batch = rng.sample(self.data["rl"], cfg.prompts_per_step)
+            return grpo_loss(model, ref, self.tok, self.task, batch, self.reward, self.grpo, self.gen)
+        batch = rng.sample(self.data[cfg.phase], cfg.sft_batch)
+        loss = (sft_loss if cfg.phase == "sft" else pretrain_loss)(model, self.tok, batch)
+        return loss, {"train/loss": float(loss.detach())}
+
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / f"checkpoint_rank{self.rank}.pt"
+
+    def _save_checkpoint(self, step: int, opt, ref, hook_state, rng: random.Random) -> None:
+        state = {"step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+                 "ref": ref.state_dict() if ref is not None else None, "hook_state": hook_state,
+                 "rng": rng.getstate(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "summary": dict(self.summary), "config": dataclasses.asdict(self.cfg)}
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self._checkpoint_path())  # atomic: a crash mid-save keeps the previous checkpoint
+
+    def _load_checkpoint(self) -> dict:
+        path = self._checkpoint_path()
+        if not path.exists():
+            raise FileNotFoundError(f"resume=true but there is no checkpoint at {path}")
+        ck = torch.load(path, weights_only=False)
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("resume", "rl_steps")}
+        theirs = {k: v for k, v in ck["config"].items() if k not in ("resume", "rl_steps")}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"checkpoint {path} was written with a different config (keys {diff}); resume needs the same")
+        return ck
+
+    def _cast(self, module):
+        return module.to(torch.bfloat16) if self.cfg.precision == "bf16" else module
+
+    def rl(self, ck: dict | None = None) -> None:
+        """The measured phase (GRPO, or SFT / pretraining with phase=sft|pretrain), from a checkpoint if given."""
+        cfg = self.cfg
+        start = 0
+        if ck is None:
+            self._cast(self.model)
+            self.summary["eval_accuracy_before_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set,
+                                                               self.grpo.max_new_tokens)
+            ref = copy.deepcopy(self.model).eval().requires_grad_(False) if self.grpo.beta > 0 and cfg.phase == "rl" else None
+        else:
+            self._cast(self.model).load_state_dict(ck["model"])
+            ref = None
+            if ck["ref"] is not None:
+                ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+                ref.load_state_dict(ck["ref"])
+            self.summary.update(ck["summary"])
+            start = ck["step"]
+        model, hook_state = self._rl_model(None if ck is None else ck["hook_state"])
         opt = self._rl_optimizer()
-        tracker = SparsityTracker(self.model, mode=cfg.tracker_mode, k_steps=(10,))
+        rng = random.Random(cfg.seed + 31 * self.rank)
+        if ck is not None:
+            opt.load_state_dict(ck["optimizer"])
+            rng.setstate(ck["rng"])
+            self.gen.set_state(ck["gen"])
+            torch.set_rng_state(ck["torch_rng"])
+        tracker = SparsityTracker(self.model, mode=cfg.tracker_mode, k_steps=cfg.k_steps, per_param=cfg.per_param_stats,
+                                  hot_window=cfg.hot_window, hot_definition=cfg.hot_definition if cfg.hot_window else None)
+        ranks = RankTracker(self.model, every=cfg.rank_every) if cfg.rank_every else None
+        stack: list[torch.Tensor] = []  # the plan's stacked method: the last rank_stack flattened gradients
         comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0)
         numel = sum(p.numel() for p in self.model.parameters())
-        rng = random.Random(cfg.seed + 31 * self.rank)
-        for step in range(1, cfg.rl_steps + 1):
+        for step in range(start + 1, cfg.rl_steps + 1):
             t0 = time.perf_counter()
-            batch = rng.sample(self.data["rl"], cfg.prompts_per_step)
-            loss, m = grpo_loss(model, ref, self.tok, self.task, batch, self.reward, self.grpo, self.gen)
+            loss, m = self._phase_loss(model, ref, rng)
             opt.zero_grad()
             t1 = time.perf_counter()
             loss.backward()  # DDP modes communicate here
             t2 = time.perf_counter()
-            opt.step()  # ASPG communicates here
             stats = StepStats(step=step, rank=self.rank, world_size=self.world, run=self.run_dir.name, metrics=m)
+            if ranks is not None:
+                stats.update(self._ranks(ranks, stack, step))
+            opt.step()  # ASPG communicates here
             stats.update(tracker.step(lr=cfg.rl_lr))
             if cfg.optimizer == "aspg":
                 stats.update(opt.last_metrics)
@@ -267,19 +397,43 @@ class Trainer:
                 stats.update({k: v for k, v in comm.collect(numel, 4, self.world).items() if k.startswith("timing/dense")})
                 stats.update({"timing/backward_with_comm_s": t2 - t1})
             stats.update({"comm/dense_equiv_bytes": ring_allreduce_bytes(numel, 4, self.world),
-                          "timing/step_s": time.perf_counter() - t0, "train/phase": "rl"})
+                          "timing/step_s": time.perf_counter() - t0, "train/phase": cfg.phase})
             self.recorder.record(stats)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                self._save_checkpoint(step, opt, ref, hook_state, rng)
+        if tracker.hot is not None:
+            tracker.hot.save(self.run_dir / f"hot_maps_rank{self.rank}.npz")
         self.summary["eval_accuracy_after_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set, self.grpo.max_new_tokens)
+
+    def _ranks(self, ranks: RankTracker, stack: list, step: int) -> dict:
+        """Per-matrix gradient rank every rank_every steps, and the plan's stacked-gradient SVD over
+        the rank_stack steps leading up to it (bounded by rank_stack by construction)."""
+        k = self.cfg.rank_stack
+        if step % ranks.every == 0 or step % ranks.every > ranks.every - k:
+            stack.append(torch.cat([p.grad.detach().float().reshape(-1) for p in ranks.params.values() if p.grad is not None]))
+        out = ranks.observe_gradients(step, tokens=None)
+        if out:
+            out.update(stacked_rank(stack[-k:]))
+            stack.clear()
+        return out
 
     def train(self) -> dict:
         t0 = time.perf_counter()
-        self.sft()
-        self.rl()
+        if self.ck is None:
+            self.sft()
+        self.rl(self.ck)
         self.summary["wall_s"] = time.perf_counter() - t0
         self.summary.update(summarize(self.run_dir / f"stats_rank{self.rank}.jsonl"))
         if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
         return self.summary
+
+    def _truncate_stats(self, step: int) -> None:
+        """On resume, drop rows written after the checkpoint (they will be recomputed, identically)."""
+        path = self.run_dir / f"stats_rank{self.rank}.jsonl"
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step] \
+            if path.exists() else []
+        path.write_text("".join(line + "\n" for line in keep))
 
     def close(self) -> None:
         try:

@@ -6,6 +6,7 @@
     sparsecomm coordinator --bind tcp://0.0.0.0:5555   # the ZeroMQ aggregation service
     sparsecomm keys DIR server trainer-0               # CURVE certificates
     sparsecomm matrix --preset quick --out DIR         # research matrix + REPORT.md
+    sparsecomm cluster run --hosts 8 --rate-mbit 100 -- launch/train.py --config CONFIG
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("sparsecomm.exchange.coordinator", "run the ZeroMQ coordinator (aggregation, versions, rollout sync)"),
     "keys": ("sparsecomm.keys", "make CURVE key pairs for the coordinator and its clients"),
     "report": ("sparsecomm.track.report", "turn a run directory's StepStats JSONL into PNG figures and a Markdown summary"),
+    "cluster": ("sparsecomm.cluster.cli", "emulated hosts (network namespaces, shaped links) and torchrun across them"),
     "matrix": ("sparsecomm.research.matrix", "run the research plan's experiment matrix and write REPORT.md with verdicts"),
 }
 

@@ -73,7 +73,9 @@ class EmulatedCluster:
         self._old_handlers: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def up(self) -> "EmulatedCluster":
+    def up(self, persist: bool = False) -> "EmulatedCluster":
+        """Create the namespaces, bridge and links. With persist=True they outlive this process
+        (`sparsecomm cluster up`); a failure half-way still removes what was made."""
         atexit.register(self.down)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -97,7 +99,13 @@ class EmulatedCluster:
         except BaseException:
             self.down()
             raise
+        if persist:
+            self._release_handlers()
         return self
+
+    def adopt(self, namespaces: Sequence[str]) -> None:
+        """Take charge of namespaces an earlier `up(persist=True)` made (for `down` or running on them)."""
+        self._created = list(namespaces)
 
     def _add_ns(self, name: str) -> None:
         _ip("netns", "add", name)
@@ -112,6 +120,23 @@ class EmulatedCluster:
 
     def down(self) -> None:
         """End our processes (by pid), delete our namespaces (which removes their links). Idempotent."""
+        self.stop_processes()
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._created.clear()
+        self._release_handlers()
+
+    def _release_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+        atexit.unregister(self.down)
+
+    def stop_processes(self) -> None:
+        """End the processes started with popen() (their process groups, by pid): TERM, then KILL after 10 s."""
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -128,16 +153,6 @@ class EmulatedCluster:
                     pass
                 p.wait()
         self.procs.clear()
-        for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._created.clear()
-        for sig, old in self._old_handlers.items():
-            try:
-                signal.signal(sig, old)
-            except (ValueError, TypeError):
-                pass
-        self._old_handlers.clear()
-        atexit.unregister(self.down)
 
     def __enter__(self) -> "EmulatedCluster":
         return self.up()

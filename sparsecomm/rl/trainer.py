@@ -108,7 +108,8 @@ class TrainConfig:
     """Continue from RUN_DIR's checkpoint (same config): exact, the warm start is not repeated."""
     eval_size: int = 200
     metrics_port: int = -1
-    """Prometheus port (0: any free port; -1: off). Rank r serves on metrics_port + r."""
+    """Prometheus port (0: any free port; -1: off). Each process serves on metrics_port + its LOCAL_RANK
+    (its index on its node), so every node exposes the same ports."""
     console_every: int = 10
 
     def __post_init__(self):
@@ -217,7 +218,8 @@ class Trainer:
         if self.rank == 0:
             sinks.append(ConsoleSink(every=cfg.console_every))
         if cfg.metrics_port >= 0:
-            self.prom = PrometheusSink(port=cfg.metrics_port + self.rank if cfg.metrics_port else 0, rank=self.rank,
+            local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+            self.prom = PrometheusSink(port=cfg.metrics_port + local_rank if cfg.metrics_port else 0, rank=self.rank,
                                        run=self.run_dir.name, addr="0.0.0.0" if self.world > 1 else "127.0.0.1")
             sinks.append(self.prom)
         return Recorder(sinks)

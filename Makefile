@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-0.2
+STAMP := $(VENV)/.installed-0.3
 
 .PHONY: demo demo-codec test clean
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# pin first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,rl]'
+	$(PY) -m pip install -q -e '.[dev,rl,trl]'
 	touch $@
 
 # The main job: 2 workers under torchrun, SFT warm start then GRPO with ASPG at 1% (launch/recipes/demo.yaml)

@@ -94,7 +94,12 @@ def render(rows: list[dict]) -> str:
     md = ["Per configuration: the slowest rank's time per step (RL job: median over RL steps 6..N; update: one "
           "whole exchange, or one coordinator round), bytes each worker sent per step (encoded buffers; DDP and "
           "dense: the ring all-reduce volume 2 (P-1)/P x 4 B x N), and the speed-up against the dense mode's step "
-          "on the same links. `dense all-reduce s` is the all_reduce of the same tensors measured in that run.\n\n"]
+          "on the same links. `dense all-reduce s` is the all_reduce of the same tensors measured in that run. "
+          "Coordinator mode: `sent` counts each trainer's pushes; the coordinator's own link carries all P pushes in and "
+          "P aggregates out (RL job: the coordinator shares host 0 with rank 0; 124M update: it has a 9th host). "
+          "All processes of a configuration share this machine's 2 cores, so CPU phases (selection, coding, the RL "
+          "step itself) are several times slower than with a core per rank: see results/exchange.md for the phase "
+          "breakdown.\n\n"]
     out = []
     for r in rows:
         d = next(x for x in rows if x["workload"] == r["workload"] and x["link"] == r["link"] and x["mode"] == "dense")
@@ -128,7 +133,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["rl", "update"], default=None)
+    ap.add_argument("--render", action="store_true", help="rewrite results/multinode.{md,png} from results/multinode.json")
     a = ap.parse_args()
+    if a.render:
+        rows = json.loads((RESULTS / "multinode.json").read_text())["rows"]
+        plot(rows, RESULTS / "multinode.png")
+        md_path = RESULTS / "multinode.md"
+        head = md_path.read_text().split("\n\n", 2)  # keep the command / date / machine block
+        md_path.write_text("\n\n".join(head[:2]) + "\n\n" + render(rows) + "\n![](multinode.png)\n")
+        return 0
     ok, why = can_create_namespaces()
     if not ok:
         print(f"bench_multinode needs emulated hosts: {why}")

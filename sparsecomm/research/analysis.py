@@ -110,8 +110,9 @@ def mean_sd(xs) -> tuple[float, float, int]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
-def pearson_ci(x: list[float], y: list[float], z: float = 1.96) -> tuple[float, float, float, int]:
-    """Pearson r with a Fisher-z 95% confidence interval: (r, lo, hi, n); nan when n < 4 or constant."""
+def pearson_ci(x: list[float], y: list[float], z: float = 1.96, n_adjust: int = 0) -> tuple[float, float, float, int]:
+    """Pearson r with a Fisher-z 95% confidence interval: (r, lo, hi, n); nan when n < 4 or constant.
+    `n_adjust` removes degrees of freedom (group means subtracted beforehand)."""
     pts = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
     n = len(pts)
     if n < 4:
@@ -123,7 +124,9 @@ def pearson_ci(x: list[float], y: list[float], z: float = 1.96) -> tuple[float, 
         return float("nan"), float("nan"), float("nan"), n
     r = sum((a - mx) * (b - my) for a, b in pts) / math.sqrt(sxx * syy)
     r = max(min(r, 0.999999), -0.999999)
-    fz, se = math.atanh(r), 1 / math.sqrt(n - 3)
+    if n - 3 - n_adjust < 1:
+        return r, float("nan"), float("nan"), n
+    fz, se = math.atanh(r), 1 / math.sqrt(n - 3 - n_adjust)
     return r, math.tanh(fz - z * se), math.tanh(fz + z * se), n
 
 
@@ -289,24 +292,49 @@ def verdict_h1(records) -> Verdict:
     return Verdict("H1: enforcing sparsity (top-k + error feedback) helps reward", outcome, "; ".join(parts), nums)
 
 
+def within_groups(x: list[float], y: list[float], groups: list) -> tuple[list[float], list[float], int]:
+    """x and y minus their group means (groups with >= 3 points), and the number of groups used."""
+    by: dict = {}
+    for a, b, g in zip(x, y, groups):
+        if not (math.isnan(a) or math.isnan(b)):
+            by.setdefault(g, []).append((a, b))
+    rx, ry, used = [], [], 0
+    for pts in by.values():
+        if len(pts) < 3:
+            continue
+        used += 1
+        mx, my = _mean(p[0] for p in pts), _mean(p[1] for p in pts)
+        rx += [p[0] - mx for p in pts]
+        ry += [p[1] - my for p in pts]
+    return rx, ry, used
+
+
 def verdict_h2(records) -> Verdict:
-    """H2: does update sparsity predict performance? Pearson r (Fisher-z 95% CI) across RL runs of
-    the 1A matrix between mean per-step sparsity and reward gain (last window - first window)."""
+    """H2: does update sparsity predict performance? Pearson r (Fisher-z 95% CI) between mean per-step
+    sparsity and reward gain (last window - first window) over the RL runs of the 1A matrix: across
+    all runs, and within a learning rate (each run minus its rate's mean), because the rate drives
+    both sparsity and how far a run moves."""
     runs = [r for r in records if r["phase"] == "rl" and not r.get("variant")]
-    nums, parts, sig = {}, [], []
+    nums, parts, across, within = {}, [], [], []
     for view in VIEWS:
-        r, lo, hi, n = pearson_ci([x[f"sparsity/{view}"] for x in runs], [x["reward_gain"] for x in runs])
-        nums[view] = {"r": r, "ci95": [lo, hi], "n": n}
-        parts.append(f"{view}: r = {r:+.2f} [{lo:+.2f}, {hi:+.2f}] over {n} runs")
+        x, y = [r[f"sparsity/{view}"] for r in runs], [r["reward_gain"] for r in runs]
+        r, lo, hi, n = pearson_ci(x, y)
+        rx, ry, g = within_groups(x, y, [r_["lr"] for r_ in runs])
+        rw, lw, hw, nw = pearson_ci(rx, ry, n_adjust=g)
+        nums[view] = {"r": r, "ci95": [lo, hi], "n": n, "r_within_lr": rw, "ci95_within_lr": [lw, hw], "lr_groups": g}
+        parts.append(f"{view}: across runs r = {r:+.2f} [{lo:+.2f}, {hi:+.2f}] (n={n}); within a learning rate "
+                     f"r = {rw:+.2f} [{lw:+.2f}, {hw:+.2f}]")
         if lo == lo and (lo > 0 or hi < 0):
-            sig.append(("positively" if lo > 0 else "negatively", view))
-    if sig:
-        outcome = "sparsity predicts reward gain " + "; ".join(f"{d} ({v})" for d, v in sig)
+            across.append(("positively" if lo > 0 else "negatively", view))
+        if lw == lw and (lw > 0 or hw < 0):
+            within.append(("positively" if lw > 0 else "negatively", view))
+    if within:
+        outcome = "sparsity predicts reward gain within a learning rate: " + "; ".join(f"{d} ({v})" for d, v in within)
+    elif across:
+        outcome = "only across learning rates (" + "; ".join(f"{d}, {v}" for d, v in across) + "); not within a rate"
     else:
         outcome = "no evidence" if any(v["n"] >= 4 for v in nums.values()) else "no data"
-    text = "; ".join(parts) + (" — across learning rates, so a correlation mostly reflects the rate: a sparser run is "
-                               "one that moved less" if sig else "")
-    return Verdict("H2: update sparsity predicts performance", outcome, text, nums)
+    return Verdict("H2: update sparsity predicts performance", outcome, "; ".join(parts), nums)
 
 
 def verdict_h3(records) -> Verdict:

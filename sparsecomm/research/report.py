@@ -281,6 +281,19 @@ def table(records, rows_key, group: str, match: dict | None = None, extra_cols=(
     return head, body
 
 
+def kstep_table(records) -> str:
+    """Per-step vs K-step sparsity of the base runs (tiny, GRPO, AdamW), per view and learning rate."""
+    runs = _base(records)
+    ks = sorted({int(k[len("kstep"):].split("/")[0]) for r in runs for k in r if k.startswith("kstep")})
+    body = []
+    for view in A.VIEWS:
+        for lr in sorted({r["lr"] for r in runs}):
+            sub = [r for r in runs if r["lr"] == lr]
+            body.append([view, f"{lr:g}", str(len(sub)), _ms(r[f"sparsity/{view}"] for r in sub),
+                         *[_ms(r.get(f"kstep{k}/{view}", float("nan")) for r in sub) for k in ks]])
+    return md_table(["view", "lr", "runs", "per step", *[f"over {k} steps" for k in ks]], body)
+
+
 def md_table(head, body) -> str:
     if not body:
         return "_(no runs)_\n"
@@ -367,6 +380,7 @@ def write_report(out: Path) -> Path:
           "In pure bf16 the weights are bf16, so `fp32 exact` and `bf16 view` coincide.\n",
           md_table(*table(records, ("precision", "lr"), "precision", extra_cols=(("final reward", _reward_col),))),
           "## Accumulated (K-step) sparsity\n", f"![]({figs.get('kstep')})\n" if figs.get("kstep") else "_(no runs)_\n",
+          kstep_table(records),
           "## 1B: which weights change (hot-parameter maps, last window)\n",
           f"![]({figs.get('hot')})\n" if figs.get("hot") else "_(no hot maps)_\n",
           md_table(["lr", "runs", "frac changed in > half the window (bf16 view)"],

@@ -87,6 +87,9 @@ class TrainConfig:
     """Extra ASPG options (warmup_steps, importance, budget, switch, ...)."""
     coordinator: str = ""
     powersgd_rank: int = 1
+    lora_rank: int = 0
+    """> 0: the measured phase trains LoRA adapters of this rank (peft, the `trl` extra) on the
+    attention and MLP matrices instead of the full model; only the adapters are communicated."""
     kind_density: dict = field(default_factory=dict)
     """ASPG density per layer kind (attention, mlp, norm, embedding, other), e.g. {norm: 1.0};
     kinds not named use `density`. Selection then runs per tensor (budget per_tensor)."""
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError(f"kind_density values must be in (0, 1], got {self.kind_density}")
         if self.rank_every < 0 or self.rank_stack < 2 or self.hot_window < 0 or self.checkpoint_every < 0:
             raise ValueError("need rank_every >= 0, rank_stack >= 2, hot_window >= 0, checkpoint_every >= 0")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if any(int(k) < 2 for k in self.k_steps):
             raise ValueError(f"k_steps must be >= 2, got {self.k_steps}")
         if self.comm in ("aspg", "coordinator", "local") and self.optimizer != "aspg" and self.comm != "local":
@@ -250,13 +255,15 @@ class Trainer:
 
     def _rl_optimizer(self):
         cfg = self.cfg
-        params = self.model.parameters()
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.kind_density:  # one param group per layer kind, each with its own density
             from ..track.layers import named_parameter_kinds
 
             kinds = named_parameter_kinds(self.model)
             groups: dict[str, list] = {}
             for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue
                 groups.setdefault(kinds.get(name, "other"), []).append(p)
             params = [{"params": ps, "density": float(cfg.kind_density.get(kind, cfg.density))} for kind, ps in groups.items()]
         if cfg.optimizer == "aspg":
@@ -342,20 +349,35 @@ class Trainer:
     def _cast(self, module):
         return module.to(torch.bfloat16) if self.cfg.precision == "bf16" else module
 
+    def _add_lora(self) -> None:
+        """Freeze the model and add LoRA adapters (GPT-2's Conv1D layers: fan_in_fan_out)."""
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError("lora_rank > 0 needs peft: pip install 'sparsecomm[trl]'") from None
+        r = self.cfg.lora_rank
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                         fan_in_fan_out=True, init_lora_weights=True)
+        torch.manual_seed(self.cfg.seed)  # the same adapter init on every rank
+        self.model = get_peft_model(self.model, cfg)
+
     def rl(self, ck: dict | None = None) -> None:
         """The measured phase (GRPO, or SFT / pretraining with phase=sft|pretrain), from a checkpoint if given."""
         cfg = self.cfg
         start = 0
+        ref_source = self.model  # the reference policy is the warm-started model, without adapters
+        if cfg.lora_rank:
+            self._add_lora()
         if ck is None:
             self._cast(self.model)
             self.summary["eval_accuracy_before_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set,
                                                                self.grpo.max_new_tokens)
-            ref = copy.deepcopy(self.model).eval().requires_grad_(False) if self.grpo.beta > 0 and cfg.phase == "rl" else None
+            ref = copy.deepcopy(ref_source).eval().requires_grad_(False) if self.grpo.beta > 0 and cfg.phase == "rl" else None
         else:
             self._cast(self.model).load_state_dict(ck["model"])
             ref = None
             if ck["ref"] is not None:
-                ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+                ref = copy.deepcopy(ref_source).eval().requires_grad_(False)
                 ref.load_state_dict(ck["ref"])
             self.summary.update(ck["summary"])
             start = ck["step"]
@@ -372,7 +394,7 @@ class Trainer:
         ranks = RankTracker(self.model, every=cfg.rank_every) if cfg.rank_every else None
         stack: list[torch.Tensor] = []  # the plan's stacked method: the last rank_stack flattened gradients
         comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0)
-        numel = sum(p.numel() for p in self.model.parameters())
+        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # what is communicated
         for step in range(start + 1, cfg.rl_steps + 1):
             t0 = time.perf_counter()
             loss, m = self._phase_loss(model, ref, rng)
@@ -450,9 +472,11 @@ def powersgd_bytes(model, rank: int, world: int, step: int, start_iter: int = 2)
     before `start_iter`; then each matrix m x n sends its rank-r factors P (m x r) and Q (n x r),
     unless that would not compress by 2x (the hook's min_compression_rate), and vectors go dense."""
     if step < start_iter:
-        return ring_allreduce_bytes(sum(p.numel() for p in model.parameters()), 4, world)
+        return ring_allreduce_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad), 4, world)
     floats = 0
     for p in model.parameters():
+        if not p.requires_grad:
+            continue
         if p.dim() >= 2:
             m, n = p.shape[0], p.numel() // p.shape[0]
             floats += (m + n) * rank if (m + n) * rank * 2 <= m * n else m * n

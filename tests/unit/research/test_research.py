@@ -77,7 +77,12 @@ def test_h2_correlation_and_its_interval():
     xs = [i / 10 for i in range(10)]
     pos = [rec(["size_lr"], bf16=x, fp32=x, reward_gain=2 * x + 0.01 * (i % 3)) for i, x in enumerate(xs)]
     v = A.verdict_h2(pos)
-    assert v.outcome.startswith("sparsity predicts reward gain positively") and v.numbers["bf16_view"]["r"] > 0.99
+    assert v.outcome == "sparsity predicts reward gain within a learning rate: positively (fp32_exact); positively (bf16_view)"
+    assert v.numbers["bf16_view"]["r"] > 0.99
+    # the rate alone: sparser and better between rates, unrelated within each rate -> "only across learning rates"
+    by_rate = [rec(["size_lr"], lr=lr, bf16=b + 0.01 * i, fp32=b + 0.01 * i, reward_gain=b + 0.05 * (-1) ** i)
+               for lr, b in ((1e-6, 0.9), (1e-5, 0.5), (1e-4, 0.1)) for i in range(6)]
+    assert A.verdict_h2(by_rate).outcome.startswith("only across learning rates (positively")
     noise = [rec(["size_lr"], bf16=x, fp32=x, reward_gain=(-1) ** i) for i, x in enumerate(xs)]
     assert A.verdict_h2(noise).outcome == "no evidence"
     r, lo, hi, n = A.pearson_ci([0, 1, 2, 3, 4], [0, 1, 2, 3, 5])

@@ -82,3 +82,13 @@ def test_config_errors_name_the_problem():
                        ({"k_steps": [1]}, "k_steps")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    pytest.importorskip("peft")
+    t, _, rows = train(tmp_path, "optimizer=adamw", "lora_rank=4", "rl_lr=1e-3")
+    trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    numel = sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    assert rows[-1]["comm/dense_equiv_bytes"] == 0 or numel < 20_000  # one process: nothing sent; adapters are small
+    assert rows[-1]["sparsity/fp32_exact/global"] < 0.5  # the adapters it tracks move every step

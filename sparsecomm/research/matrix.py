@@ -1,6 +1,6 @@
 """`sparsecomm matrix`: the research plan's experiment matrix (1A-1C, H1-H3) as real runs, then a report.
 
-    sparsecomm matrix --preset quick --out runs/matrix-quick      # 49 runs, minutes on 2 cores
+    sparsecomm matrix --preset quick --out runs/matrix-quick      # 49 runs, ~2.5 min on 2 cores
     sparsecomm matrix --preset full  --out runs/matrix-full       # 145 runs, ~32 min on 2 cores
     sparsecomm matrix --preset full  --out runs/matrix-full --report-only   # re-derive the report
 

@@ -7,6 +7,7 @@ dense SFT warm start, then GRPO) with the RL phase's communication varied:
     aspg-10%    ASPG, torch.distributed sparse exchange, density 0.1
     aspg-1%     ... density 0.01
     aspg-0.1%   ... density 0.001
+    aspg-1%-perkind  1% in all, LayerNorm parameters whole, the rest at 0.41% (per-layer-kind density)
     randomk-1%  ASPG with random-k selection at density 0.01 (control)
     powersgd    DDP + PyTorch's PowerSGD hook (rank 1, one bucket) + AdamW
     lora-r8     LoRA adapters (rank 8, peft) with DDP's all-reduce + AdamW at lr 1e-3
@@ -18,7 +19,7 @@ over seeds, greedy accuracy after RL, and bytes each worker sent in the RL phase
 buffers; for DDP modes the ring all-reduce volume, for PowerSGD a formula for its factor all-reduces).
 Figures: reward vs step and reward vs cumulative bytes.
 
-    python benchmarks/bench_convergence.py           # 27 runs, ~20 min on 2 cores
+    python benchmarks/bench_convergence.py           # 30 runs, ~20 min on 2 cores
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ METHODS = {
     "aspg-10%": ["comm=aspg", "optimizer=aspg", "density=0.1"],
     "aspg-1%": ["comm=aspg", "optimizer=aspg", "density=0.01"],
     "aspg-0.1%": ["comm=aspg", "optimizer=aspg", "density=0.001"],
+    # 1% in all, LayerNorm parameters sent whole and the rest sharing what is left (the research
+    # matrix's H3 layout; sparsecomm.research.matrix.kind_budget("tiny", 0.01))
+    "aspg-1%-perkind": ["comm=aspg", "optimizer=aspg", "density=0.01",
+                        "kind_density={norm: 1.0, attention: 0.004054, mlp: 0.004054, embedding: 0.004054}"],
     "randomk-1%": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.importance=random"],
     "powersgd": ["comm=powersgd", "optimizer=adamw"],
     # LoRA adapters only (rank 8 on attention + MLP, peft), dense all-reduce of the adapters; at

@@ -77,6 +77,8 @@ def summarize_rows(rows: list[dict]) -> dict:
     losses = [r.get("train/loss", float("nan")) for r in rows]
     rec["loss_first"], rec["loss_last"] = _mean(losses[:w]), _mean(losses[-w:])
     rec["sent_bytes"] = sum(r["comm/sent_bytes"] for r in rows if isinstance(r.get("comm/sent_bytes"), (int, float)))
+    # what ASPG encoded for its exchange (one process sends nothing, but the payload is what P workers would send)
+    rec["payload_bytes"] = sum(r["comm/payload_bytes"] for r in rows if isinstance(r.get("comm/payload_bytes"), (int, float)))
     rec["steps_recorded"] = n
     return rec
 

@@ -35,7 +35,7 @@ LITERATURE = {
 }
 
 
-def _fig(path: Path):
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +65,7 @@ def fig_sparsity_vs_step(records, out: Path) -> str | None:
     lrs = sorted({r["lr"] for r in _base(records)})
     if not lrs:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.6), squeeze=False, sharey=True)
     for ax, lr in zip(axes[0], lrs):
         runs = _base(records, lr=lr)
@@ -89,7 +89,7 @@ def fig_layers(records, out: Path) -> str | None:
     kinds = ("embedding", "attention", "mlp", "norm")
     if not lrs:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, view in zip(axes, A.VIEWS):
         width = 0.8 / len(lrs)
@@ -134,7 +134,7 @@ def fig_rank(rows, out: Path) -> str | None:
     models = [m for m in SIZE_ORDER if any(r["model"] == m for r in rows)]
     if not models:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     x = np.arange(len(models))
     for key, label in (("stable", "stable rank"), ("entropy", "entropy rank"), ("random_stable", "random: stable"),
@@ -163,7 +163,7 @@ def fig_kstep(records, out: Path) -> str | None:
     lrs = sorted({r["lr"] for r in runs})
     if not ks or not lrs:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for view, style in zip(A.VIEWS, ("-", "--")):
         for lr in lrs:
@@ -187,7 +187,7 @@ def fig_hot(records, out: Path) -> str | None:
     if not runs:
         return None
     lrs = sorted({r["lr"] for r in runs})
-    plt = _fig(out)
+    plt = _plt()
     picks = []
     for lr in lrs:
         r = next(r for r in runs if r["lr"] == lr)
@@ -221,7 +221,7 @@ def fig_h1(records, out: Path) -> str | None:
     variants = sorted({r["variant"] for r in runs})
     if not variants:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for v in variants:
         curves = [r["reward_curve"] for r in runs if r["variant"] == v]
@@ -241,7 +241,7 @@ def fig_h2(records, out: Path) -> str | None:
     runs = [r for r in records if r["phase"] == "rl" and not r.get("variant")]
     if len(runs) < 2:
         return None
-    plt = _fig(out)
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, view in zip(axes, A.VIEWS):
         for lr in sorted({r["lr"] for r in runs}):
@@ -387,13 +387,14 @@ def write_report(out: Path) -> Path:
                    [[f"{lr:g}", str(len(sub)), _ms(r.get("hot_frac/global", float("nan")) for r in sub)]
                     for lr in sorted({r["lr"] for r in _base(records)}) for sub in [_base(records, lr=lr)]]),
           "## Hypotheses\n", f"![]({figs.get('h1')})\n" if figs.get("h1") else "", f"![]({figs.get('h2')})\n" if figs.get("h2") else "",
-          md_table(["variant", "runs", "final reward", "bytes ASPG encoded per run (mean)"],
+          md_table(["variant", "runs", "final reward", "ASPG payload per step (mean)", "fp32 entries changed per step"],
                    [[v, str(len(sub)), _reward_col(sub),
-                     f"{A._mean(r['sent_bytes'] for r in sub):.3g}"]
+                     f"{A._mean(r['payload_bytes'] / max(r['steps_recorded'], 1) for r in sub):,.0f} B" if sub[0]["optimizer"] == "aspg" else "– (dense)",
+                     _ms(1 - r["sparsity/fp32_exact"] for r in sub)]
                     for v in sorted({r['variant'] for r in records if r.get('variant')})
                     for sub in [[r for r in records if r.get('variant') == v]]]),
-          "(One process per run: `bytes sent` is what ASPG encoded for the exchange; 0 for dense AdamW, which "
-          "sends nothing in one process. The ratio to a dense exchange is measured in benchmarks/bench_convergence.py.)\n",
+          "(One process per run: the payload is the encoded delta ASPG would put on the wire per step; bytes against a "
+          "dense exchange with several workers are measured in benchmarks/results/convergence.md.)\n",
           "## Scale caveat\n",
           "These are 0.1M-10M-parameter models on CPU, far from the 1B+ models the plan targets. What transfers is the "
           "mechanism (which definition, which learning rate relative to |w|); the lr / median |w| column lets the "

@@ -18,12 +18,14 @@ where RL has a signal, and is not what the run measures. The measured phase (`ph
 (`rl`), or, for the research matrix's task comparison, continued SFT (`sft`) or language-model
 pretraining on the task's corpus (`pretrain`), from the same warm start with the same optimizer,
 `rl_steps` and `rl_lr`. `precision=bf16` casts the model to bf16 after the warm start (pure-bf16
-training: weights and optimizer state in bf16); `fp32` keeps fp32 master weights. Every RL step records one StepStats
-per rank (reward, sparsity by definition, bytes, phases, a measured dense all-reduce every
-`dense_baseline_every` steps) to RUN_DIR/stats_rank{R}.jsonl, Prometheus (when
-`metrics_port` >= 0) and the console. With `checkpoint_every` > 0 the trainer saves
-RUN_DIR/checkpoint.pt (model, optimizer, RNG, data cursor; one file per rank) and `resume=true`
-continues from it bit-exactly: the resumed run's weights equal an uninterrupted run's.
+training: weights and optimizer state in bf16); `fp32` keeps fp32 master weights.
+
+Every step of the measured phase records one StepStats per rank (reward, sparsity by definition,
+bytes, phases, a measured dense all-reduce every `dense_baseline_every` steps) to
+RUN_DIR/stats_rank{R}.jsonl, Prometheus (when `metrics_port` >= 0) and the console. With
+`checkpoint_every` > 0 the trainer saves RUN_DIR/checkpoint_rank{R}.pt (model, optimizer, RNG
+states, data cursor) and `resume=true` continues from it bit-exactly: the resumed run's weights
+equal an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ from .tasks import datasets, make_reward, make_task
 COMMS = ("local", "aspg", "coordinator", "ddp", "hook", "powersgd")
 OPTIMIZERS = ("aspg", "adamw", "sgd", "adafactor")
 PHASES = ("rl", "sft", "pretrain")
+# config keys a resumed run may change: they do not alter what is computed
+RESUME_MAY_CHANGE = ("resume", "rl_steps", "checkpoint_every", "console_every", "metrics_port")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -106,7 +110,7 @@ class TrainConfig:
     """Gradient rank (per matrix, and the stacked method over `rank_stack` steps) every N steps (0: off)."""
     rank_stack: int = 8
     checkpoint_every: int = 0
-    """Save RUN_DIR/checkpoint_rank{R}.pt every N measured steps (0: only at the end if resume is wanted)."""
+    """Save RUN_DIR/checkpoint_rank{R}.pt every N measured steps (0: never)."""
     resume: bool = False
     """Continue from RUN_DIR's checkpoint (same config): exact, the warm start is not repeated."""
     eval_size: int = 200
@@ -339,8 +343,8 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"resume=true but there is no checkpoint at {path}")
         ck = torch.load(path, weights_only=False)
-        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("resume", "rl_steps")}
-        theirs = {k: v for k, v in ck["config"].items() if k not in ("resume", "rl_steps")}
+        mine = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUME_MAY_CHANGE}
+        theirs = {k: v for k, v in ck["config"].items() if k not in RESUME_MAY_CHANGE}
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"checkpoint {path} was written with a different config (keys {diff}); resume needs the same")

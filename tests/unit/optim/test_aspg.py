@@ -192,3 +192,18 @@ def test_measured_switch_state_round_trips():
     o2 = ASPG([nn.Parameter(torch.zeros(1000))], density=0.1, switch="measured")
     o2.load_state_dict(o.state_dict())
     assert o2.chooser.state_dict() == o.chooser.state_dict()
+
+
+def test_param_group_density_sets_each_tensors_budget():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(100))
+    opt = ASPG([{"params": [a], "density": 0.01}, {"params": [b], "density": 1.0}], lr=0.1, density=0.5, budget="per_tensor")
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    a.grad, b.grad = torch.randn(1000), torch.randn(100)
+    opt.step()
+    assert int((a != a0).sum()) == 10 and int((b != b0).sum()) == 100  # 1% of a, all of b
+    assert opt.last_metrics["comm/k"] == 110
+    with pytest.raises(ValueError, match="per_tensor"):
+        ASPG([{"params": [a], "density": 0.01}], lr=0.1)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        ASPG([{"params": [a], "density": 2.0}], lr=0.1, budget="per_tensor")

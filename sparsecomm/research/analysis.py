@@ -355,6 +355,23 @@ def verdict_h3(records) -> Verdict:
     return Verdict("H3: layer-specific thresholds beat one global threshold", outcome, text, nums)
 
 
+def published_comparison(v: Verdict) -> str:
+    """Does this run's verdict agree with the published measurement cited for the claim (DESIGN.md)?"""
+    if v.outcome in ("no data",):
+        return "no data"
+    if v.claim.startswith("98-99%"):  # PULSE: a bf16-view effect, fp32 master weights change almost everywhere
+        return "consistent" if v.outcome.startswith("holds only in the bf16 view") else "inconsistent"
+    if v.claim.startswith("attention < FFN"):  # Mukherjee et al.: roughly uniform across matrices
+        spreads = {view: max(n[f"mean_{k}"] for k in KINDS_ORDER) - min(n[f"mean_{k}"] for k in KINDS_ORDER)
+                   for view, n in v.numbers.items() if n["runs"]}
+        uniform = all(x <= 0.05 for x in spreads.values())
+        return (("consistent" if uniform else "inconsistent") + ": largest gap between layer kinds' mean sparsity "
+                + ", ".join(f"{view} {x:.1%}" for view, x in spreads.items()) + " (uniform means <= 5 points)")
+    if v.claim.startswith("RL updates are sparser"):  # Mukherjee et al.: at each one's usual learning rate
+        return "consistent" if v.outcome == "holds" or v.outcome.endswith("at customary lrs: holds") else "inconsistent"
+    return "not directly comparable"
+
+
 CLAIMS = (verdict_sparse_per_step, verdict_layer_order, verdict_sparser_over_time, verdict_rl_sparser_than_sft)
 HYPOTHESES = (verdict_h1, verdict_h2, verdict_h3)
 

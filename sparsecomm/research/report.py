@@ -349,7 +349,7 @@ def write_report(out: Path) -> Path:
     for v in verdicts:
         L += [f"### {v.claim}: {v.outcome}\n", v.text + "\n"]
         if v.claim in LITERATURE:
-            L += [f"Published: {LITERATURE[v.claim]}\n"]
+            L += [f"Published: {LITERATURE[v.claim]} Compared with this run: **{A.published_comparison(v)}**.\n"]
         L += ["```json", json.dumps(v.numbers, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)[:3000], "```\n"]
     L += ["## Figure 1: sparsity vs step, every definition\n", f"![]({figs.get('fig1')})\n" if figs.get("fig1") else "_(no runs)_\n",
           "## Figure 2: layer-wise breakdown\n", f"![]({figs.get('fig2')})\n" if figs.get("fig2") else "_(no runs)_\n",

@@ -117,3 +117,14 @@ def test_test_preset_end_to_end(tmp_path):
     # resumable: a second invocation finds every run done
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
     assert "0 to run" in r2.stdout
+
+
+def test_published_comparison_follows_the_verdict():
+    bf16_only = A.verdict_sparse_per_step([rec(["size_lr"], lr=lr, fp32=0.01, bf16=0.99) for lr in (1e-6, 1e-5)])
+    assert A.published_comparison(bf16_only) == "consistent"  # PULSE: a bf16-view effect
+    both = A.verdict_sparse_per_step([rec(["size_lr"], fp32=0.99, bf16=0.995)])
+    assert A.published_comparison(both) == "inconsistent"
+    uniform = A.verdict_layer_order([rec(["x"], kinds={"attention": 0.90, "mlp": 0.91, "norm": 0.92})] * 3)
+    spread = A.verdict_layer_order([rec(["x"], kinds={"attention": 0.50, "mlp": 0.70, "norm": 0.95})] * 3)
+    assert A.published_comparison(uniform).startswith("consistent")
+    assert A.published_comparison(spread).startswith("inconsistent")

@@ -57,6 +57,35 @@ def test_two_workers_under_torchrun(tmp_path, mode):
         assert any("timing/dense_allreduce_s" in r["metrics"] for r in rows)
 
 
+@pytest.mark.distributed
+def test_two_workers_through_the_coordinator(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    coord = subprocess.Popen([sys.executable, "-m", "sparsecomm.cli", "coordinator", "--bind", f"tcp://127.0.0.1:{port}",
+                              "--min-trainers", "2", "--max-seconds", "300"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        run([f"run_dir={tmp_path}", *SMALL, "comm=coordinator", f"coordinator=tcp://127.0.0.1:{port}"], nproc=2)
+    finally:
+        coord.terminate()
+        coord.wait(timeout=30)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < s["sent_bytes_total"] < s["dense_equiv_bytes_total"] / 10
+
+
+@pytest.mark.parametrize("extra", [["lora_rank=4", "optimizer=adamw", "comm=ddp"], ["precision=bf16", "optimizer=aspg", "comm=aspg"]])
+@pytest.mark.distributed
+def test_two_workers_lora_and_bf16(tmp_path, extra):
+    if "lora_rank=4" in extra:
+        pytest.importorskip("peft")
+    run([f"run_dir={tmp_path}", *SMALL, *extra], nproc=2)
+    assert json.loads((tmp_path / "summary.json").read_text())["sent_bytes_total"] > 0
+
+
 def test_bad_config_is_a_clear_error(tmp_path):
     from sparsecomm.rl.trainer import TrainConfig
 

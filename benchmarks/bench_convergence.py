@@ -77,31 +77,9 @@ def run(method: str, seed: int, out: Path, extra: list[str]) -> dict:
             "sent_bytes": sent, "dense_equiv_bytes": summary["dense_equiv_bytes_total"]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
-    methods = ["dense", "aspg-1%"] if a.quick else list(METHODS)
-    seeds = [0, 1] if a.quick else [0, 1, 2]
-    extra = ["rl_steps=100"] if a.quick else []
-    runs = []
-    tmp = Path(tempfile.mkdtemp())
-    for method in methods:
-        for seed in seeds:
-            runs.append(run(method, seed, tmp / f"{method}-{seed}", extra))
-            r = runs[-1]
-            print(f"{method:11s} seed {seed}: final reward {r['final_reward']:.3f}, accuracy {r['accuracy_before']:.2f} -> "
-                  f"{r['accuracy_after']:.2f}, sent {r['sent_bytes']:,} B", flush=True)
-    by = {m: [r for r in runs if r["method"] == m] for m in methods}
-    dense_bytes = statistics.mean(r["sent_bytes"] for r in by["dense"])
-    rows = []
-    for m, rs in by.items():
-        fr = [r["final_reward"] for r in rs]
-        rows.append({"method": m, "final_reward_mean": statistics.mean(fr), "final_reward_std": statistics.stdev(fr) if len(fr) > 1 else 0.0,
-                     "final_rewards": fr, "accuracy_after_mean": statistics.mean(r["accuracy_after"] for r in rs),
-                     "sent_bytes_mean": statistics.mean(r["sent_bytes"] for r in rs)})
-        rows[-1]["bytes_vs_dense"] = dense_bytes / rows[-1]["sent_bytes_mean"] if rows[-1]["sent_bytes_mean"] else float("inf")
-    md = [f"Job: launch/recipes/demo.yaml (2 workers, tiny GPT-2, 1-digit addition, {'100' if a.quick else '400'} GRPO steps after a "
+def render(rows: list[dict], seeds: list[int], steps: int) -> tuple[str, list]:
+    """The results table, the targets and the notes, from the per-method rows."""
+    md = [f"Job: launch/recipes/demo.yaml (2 workers, tiny GPT-2, 1-digit addition, {steps} GRPO steps after a "
           f"dense SFT warm start); seeds {seeds}. Final reward = mean sampled reward over the last 50 RL steps of rank 0. "
           "Bytes = what each worker sent in the RL phase (encoded buffers; DDP: the ring all-reduce volume; PowerSGD: a "
           "formula for its rank-1 factor all-reduces, `trainer.powersgd_bytes`).\n\n",
@@ -124,10 +102,52 @@ def main() -> int:
     names = {r["method"] for r in rows}
     if {"dense-lr1e-3", "aspg-1%-lr1e-3"} <= names:  # each at the better of its two rates
         best = lambda fam: max((r for r in rows if r["method"] in fam), key=lambda r: r["final_reward_mean"])["method"]  # noqa: E731
-        targets += target(best(("dense", "dense-lr1e-3")), best(("aspg-1%", "aspg-1%-lr1e-3")))[:1]
+        bd, bs = best(("dense", "dense-lr1e-3")), best(("aspg-1%", "aspg-1%-lr1e-3"))
+        if (bd, bs) != ("dense", "aspg-1%"):
+            targets += target(bd, bs)[:1]
+        else:
+            md.append("\nAt lr 1e-3 both dense and ASPG-1% do worse than at the recipe's 3e-4 (table), so the "
+                      "recipe's rate is each one's better rate of the two tried.\n")
     md.append("\n## targets\n\n" + table(["target", "measured", "result"], [[t, m, "PASS" if ok else "FAIL"] for t, ok, m in targets]))
     md.append("\nThree seeds on a 0.1M-parameter model and one task: a check of the pipeline and of the order of magnitude, "
               "not a general claim about 1% density.\n\n![convergence](convergence.png)\n")
+    return "".join(md), targets
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rewrite results/convergence.md from results/convergence.json")
+    a = ap.parse_args()
+    if a.render:
+        data = json.loads((RESULTS / "convergence.json").read_text())
+        md, targets = render(data["rows"], [0, 1, 2], 400)
+        data["targets"] = [{"target": t, "pass": bool(o), "measured": m} for t, o, m in targets]
+        head = (RESULTS / "convergence.md").read_text().split("\n\n", 2)  # keep the command / date / machine block
+        (RESULTS / "convergence.md").write_text("\n\n".join(head[:2]) + "\n\n" + md)
+        (RESULTS / "convergence.json").write_text(json.dumps(data, indent=2))
+        return 0
+    methods = ["dense", "aspg-1%"] if a.quick else list(METHODS)
+    seeds = [0, 1] if a.quick else [0, 1, 2]
+    extra = ["rl_steps=100"] if a.quick else []
+    runs = []
+    tmp = Path(tempfile.mkdtemp())
+    for method in methods:
+        for seed in seeds:
+            runs.append(run(method, seed, tmp / f"{method}-{seed}", extra))
+            r = runs[-1]
+            print(f"{method:11s} seed {seed}: final reward {r['final_reward']:.3f}, accuracy {r['accuracy_before']:.2f} -> "
+                  f"{r['accuracy_after']:.2f}, sent {r['sent_bytes']:,} B", flush=True)
+    by = {m: [r for r in runs if r["method"] == m] for m in methods}
+    dense_bytes = statistics.mean(r["sent_bytes"] for r in by["dense"])
+    rows = []
+    for m, rs in by.items():
+        fr = [r["final_reward"] for r in rs]
+        rows.append({"method": m, "final_reward_mean": statistics.mean(fr), "final_reward_std": statistics.stdev(fr) if len(fr) > 1 else 0.0,
+                     "final_rewards": fr, "accuracy_after_mean": statistics.mean(r["accuracy_after"] for r in rs),
+                     "sent_bytes_mean": statistics.mean(r["sent_bytes"] for r in rs)})
+        rows[-1]["bytes_vs_dense"] = dense_bytes / rows[-1]["sent_bytes_mean"] if rows[-1]["sent_bytes_mean"] else float("inf")
+    md, targets = render(rows, seeds, 100 if a.quick else 400)
     for t, ok, m in targets:
         print(f"{'PASS' if ok else 'FAIL'}  {t}: {m}")
     if not a.quick:
@@ -153,9 +173,9 @@ def main() -> int:
         RESULTS.mkdir(exist_ok=True)
         fig.savefig(RESULTS / "convergence.png", dpi=110)
         print("wrote", write_results("convergence", {"rows": rows, "targets": [{"target": t, "pass": bool(o), "measured": m}
-                                                                               for t, o, m in targets]}, "".join(md)))
+                                                                               for t, o, m in targets]}, md))
     else:
-        print("".join(md))
+        print(md)
     return 0
 
 

@@ -44,6 +44,17 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path, name: str, dpi: int = 110, tight: bool = True) -> str:
+    """Write OUT/<name>.png, close the figure, return its path relative to the report."""
+    import matplotlib.pyplot as plt
+
+    if tight:
+        fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=dpi)
+    plt.close(fig)
+    return f"figures/{name}.png"
+
+
 def _smooth(y, w=10):
     y = np.asarray(y, dtype=float)
     if y.size < w:
@@ -77,10 +88,7 @@ def fig_sparsity_vs_step(records, out: Path) -> str | None:
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("fraction of weights unchanged per step")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig1_sparsity_vs_step.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig1_sparsity_vs_step.png"
+    return _save(fig, out, "fig1_sparsity_vs_step")
 
 
 def fig_layers(records, out: Path) -> str | None:
@@ -102,10 +110,7 @@ def fig_layers(records, out: Path) -> str | None:
         ax.set_ylim(0, 1.02)
     axes[0].set_ylabel("fraction unchanged")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig2_layers.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig2_layers.png"
+    return _save(fig, out, "fig2_layers")
 
 
 def rank_rows(records) -> list[dict]:
@@ -151,10 +156,7 @@ def fig_rank(rows, out: Path) -> str | None:
     axes[1].set_ylabel("rank of k stacked flattened gradients")
     axes[1].set_title("the plan's stacked method (<= k by construction)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig3_rank.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig3_rank.png"
+    return _save(fig, out, "fig3_rank")
 
 
 def fig_kstep(records, out: Path) -> str | None:
@@ -175,10 +177,7 @@ def fig_kstep(records, out: Path) -> str | None:
     ax.set_ylabel("fraction unchanged over K steps")
     ax.set_title("accumulated (K-step) sparsity, tiny / GRPO / AdamW")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "fig_kstep.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig_kstep.png"
+    return _save(fig, out, "fig_kstep")
 
 
 def fig_hot(records, out: Path) -> str | None:
@@ -211,9 +210,7 @@ def fig_hot(records, out: Path) -> str | None:
                 im = ax.imshow(m, vmin=0, vmax=1, cmap="magma", aspect="auto")
                 ax.set_title(f"lr {lr:g}: {name.replace('transformer.', '')}", fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.6, label="fraction of window steps changed (bf16 view)")
-    fig.savefig(out / "fig_hot.png", dpi=100)
-    plt.close(fig)
-    return "figures/fig_hot.png"
+    return _save(fig, out, "fig_hot", dpi=100, tight=False)
 
 
 def fig_h1(records, out: Path) -> str | None:
@@ -231,10 +228,7 @@ def fig_h1(records, out: Path) -> str | None:
     ax.set_ylabel("sampled reward (mean over seeds, 20-step average)")
     ax.set_title("H1/H3: reward at equal steps")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig_h1_h3_reward.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig_h1_h3_reward.png"
+    return _save(fig, out, "fig_h1_h3_reward")
 
 
 def fig_h2(records, out: Path) -> str | None:
@@ -251,10 +245,7 @@ def fig_h2(records, out: Path) -> str | None:
         ax.set_title(f"H2: sparsity vs reward gain ({view})")
     axes[0].set_ylabel("reward gain (last - first window)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fig_h2.png", dpi=110)
-    plt.close(fig)
-    return "figures/fig_h2.png"
+    return _save(fig, out, "fig_h2")
 
 
 # ------------------------------------------------------------------------------ tables

@@ -170,7 +170,11 @@ def run(args) -> int:
         print(f"sparsecomm cluster: {why}", file=sys.stderr)
         return 2
     if args.action == "up":
-        c = EmulatedCluster(args.hosts, args.rate_mbit)
+        try:
+            c = EmulatedCluster(args.hosts, args.rate_mbit)
+        except ValueError as e:
+            print(f"sparsecomm cluster up: {e}", file=sys.stderr)
+            return 2
         c.up(persist=True)
         save_state(c)
         print(f"{c.tag}: {c.n_hosts} hosts {', '.join(c.addresses)}; namespaces {', '.join(c.hosts)}")
@@ -185,10 +189,18 @@ def run(args) -> int:
             print(f"{tag}: removed")
         return 0
     script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    if not script:
+        print("sparsecomm cluster run: nothing to run; give the script and its arguments after --", file=sys.stderr)
+        return 2
     if args.tag:
         cluster, own = load_state(args.tag), False
     else:
-        cluster, own = EmulatedCluster(args.hosts, args.rate_mbit).up(), True
+        try:
+            cluster = EmulatedCluster(args.hosts, args.rate_mbit)
+        except ValueError as e:  # a bad --hosts / --rate-mbit: say which, create nothing
+            print(f"sparsecomm cluster run: {e}", file=sys.stderr)
+            return 2
+        cluster, own = cluster.up(), True
     try:
         return run_on_cluster(cluster, script,
                               args.mode, args.port, args.nproc_per_node, args.rdzv, args.log_dir, args.timeout_s,

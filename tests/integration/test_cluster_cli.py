@@ -97,3 +97,13 @@ def _pids_with(token: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_bad_arguments_are_clear_and_create_nothing(tmp_path):
+    before = namespaces()
+    for args, message in [(["run", "--hosts", "0", "--", "x.py"], "n_hosts must be in [1, 250]"),
+                          (["run", "--hosts", "2"], "nothing to run"),
+                          (["up", "--hosts", "2", "--rate-mbit", "-5"], "rate_mbit must be > 0")]:
+        r = cluster(*args, env={"SPARSECOMM_STATE_DIR": str(tmp_path)})
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    assert namespaces() == before

@@ -36,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, table, write_results  # noqa: E402
 
+from sparsecomm.research.matrix import kind_density_override  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "dense": ["comm=ddp", "optimizer=adamw"],
@@ -43,9 +45,8 @@ METHODS = {
     "aspg-1%": ["comm=aspg", "optimizer=aspg", "density=0.01"],
     "aspg-0.1%": ["comm=aspg", "optimizer=aspg", "density=0.001"],
     # 1% in all, LayerNorm parameters sent whole and the rest sharing what is left (the research
-    # matrix's H3 layout; sparsecomm.research.matrix.kind_budget("tiny", 0.01))
-    "aspg-1%-perkind": ["comm=aspg", "optimizer=aspg", "density=0.01",
-                        "kind_density={norm: 1.0, attention: 0.004054, mlp: 0.004054, embedding: 0.004054}"],
+    # matrix's H3 layout)
+    "aspg-1%-perkind": ["comm=aspg", "optimizer=aspg", "density=0.01", kind_density_override("tiny", 0.01)],
     "randomk-1%": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.importance=random"],
     "powersgd": ["comm=powersgd", "optimizer=adamw"],
     # LoRA adapters only (rank 8 on attention + MLP, peft), dense all-reduce of the adapters; at

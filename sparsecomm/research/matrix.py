@@ -137,7 +137,12 @@ def kind_budget(model: str, density: float, dense_kinds=("norm",)) -> dict:
     return {k: (1.0 if k in dense_kinds else round(rest, 6)) for k in sizes}
 
 
-def build_matrix(preset_name: str, out: Path | None = None) -> tuple[list[RunSpec], list[str]]:
+def kind_density_override(model: str, density: float) -> str:
+    """kind_budget as a TrainConfig override: 'kind_density={attention: ..., norm: 1.0, ...}'."""
+    return "kind_density={" + ", ".join(f"{k}: {v}" for k, v in sorted(kind_budget(model, density).items())) + "}"
+
+
+def build_matrix(preset_name: str) -> tuple[list[RunSpec], list[str]]:
     """The preset's runs (deduplicated; each tagged with the experiment groups it belongs to) and notes."""
     p = PRESETS[preset_name]
     notes: list[str] = []
@@ -176,6 +181,7 @@ def build_matrix(preset_name: str, out: Path | None = None) -> tuple[list[RunSpe
         for reward in REWARDS:
             add("reward", reward=reward, seed=seed)
     h_lr = CUSTOMARY_LR["rl"]
+    per_kind = kind_density_override("tiny", 0.01)
     for seed in p.hyp_seeds:
         for density in (0.01, 0.1):
             tag = f"{density:.0%}"
@@ -184,12 +190,11 @@ def build_matrix(preset_name: str, out: Path | None = None) -> tuple[list[RunSpe
             add("h1", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant=f"randomk-{tag}",
                 extra=(f"density={density}", "aspg.importance=random"))
         add("h1", optimizer="adamw", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="dense")
-        kd = kind_budget("tiny", 0.01)
         add("h3", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="global-1%", extra=("density=0.01",))
         add("h3", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="per-tensor-1%",
             extra=("density=0.01", "aspg.budget=per_tensor"))
         add("h3", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="per-kind-1%",
-            extra=("density=0.01", "kind_density={" + ", ".join(f"{k}: {v}" for k, v in sorted(kd.items())) + "}"))
+            extra=("density=0.01", per_kind))
     return list(specs.values()), notes
 
 
@@ -222,7 +227,7 @@ def run_one(spec: RunSpec, run_dir: Path, preset_name: str) -> dict:
 
 
 def run_matrix(preset_name: str, out: Path, jobs: int, limit: int | None = None) -> list[dict]:
-    specs, notes = build_matrix(preset_name, out)
+    specs, notes = build_matrix(preset_name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.json").write_text(json.dumps({"preset": preset_name, "notes": notes,
                                                  "runs": [{**s.__dict__, "name": s.name} for s in specs]}, indent=2))

@@ -4,7 +4,8 @@ Measures, at densities 10%, 1% and 0.1% of 124,439,808 fp32 values:
   - bits per index of every index codec (and `auto`) against the floor log2 C(n, k);
   - total message bytes (auto index + each value codec, header included) vs dense fp32 / bf16;
   - encode+decode throughput in MB of dense fp32 input per second, on one thread;
-  - every selector's time, count error and captured |mass| against `torch.topk`;
+  - every selector's time, count error and captured |mass| against `torch.topk`, and the cost of
+    ASPG's default ranking by |residual x EMA(grad)| (EMA update + product + sampled selection);
 and the selection target case, 1% of 25M values. Data: i.i.d. Gaussian, so top-k positions are
 uniformly random, the hardest case for index coding. Targets are checked and printed.
 
@@ -38,6 +39,17 @@ def bench_selectors(x: torch.Tensor, k: int, repeat: int) -> list[dict]:
         t, d = (t_ref, ref) if name == "topk" else best_time(lambda: sel.select(x, k), repeat)
         rows.append({"selector": name, "time_s": t, "speedup_vs_topk": t_ref / t, "count": d.k,
                      "count_error": (d.k - k) / k, "mass_vs_topk": float(d.values.abs().double().sum()) / ref_mass})
+    # ASPG's default importance ("impact"): per step one EMA update of the gradient, one product
+    # |residual x EMA| and the sampled selection on it; mass is |x s| captured vs topk on |x s|
+    s, g = torch.randn_like(x), torch.randn_like(x)
+    score = (x * s).abs_()
+    ref_impact = float(score[make_selector("topk").select(score, k).indices].double().sum())
+    sel = make_selector("sampled")
+    ema = s.clone()  # the timed EMA update works on a copy, so the ranking and the check use the same s
+    t, d = best_time(lambda: (ema.lerp_(g, 0.1), sel.select(x, k, (x * s).abs_()))[1], repeat)
+    rows.append({"selector": "sampled by |x s| (+ EMA update, product)", "time_s": t, "speedup_vs_topk": t_ref / t,
+                 "count": d.k, "count_error": (d.k - k) / k,
+                 "mass_vs_topk": float((x[d.indices] * s[d.indices]).abs().double().sum()) / ref_impact})
     return rows
 
 

@@ -4,22 +4,26 @@ The demo job (launch/recipes/demo.yaml: 2 workers under torchrun, tiny GPT-2, 1-
 dense SFT warm start, then GRPO) with the RL phase's communication varied:
 
     dense       DDP all-reduce + AdamW
-    aspg-10%    ASPG, torch.distributed sparse exchange, density 0.1
+    aspg-10%    ASPG (default importance "impact": top-k by |residual x EMA(grad)|),
+                torch.distributed sparse exchange, density 0.1
     aspg-1%     ... density 0.01
     aspg-0.1%   ... density 0.001
+    aspg-1%-magnitude  ASPG at 1% ranking by |residual| alone (the default before "impact")
     aspg-1%-perkind  1% in all, LayerNorm parameters whole, the rest at 0.41% (per-layer-kind density)
     randomk-1%  ASPG with random-k selection at density 0.01 (control)
     powersgd    DDP + PyTorch's PowerSGD hook (rank 1, one bucket) + AdamW
     lora-r8     LoRA adapters (rank 8, peft) with DDP's all-reduce + AdamW at lr 1e-3
     dense-lr1e-3, aspg-1%-lr1e-3   the dense and 1% runs at lr 1e-3 instead of the recipe's 3e-4
 
-Each method runs with seeds 0, 1, 2 (model init, data and sampling all follow the seed).
+Each method runs with seeds 0-4 (model init, data and sampling all follow the seed).
 Reported per method: final reward (mean of the last 50 RL steps, sampled) as mean and spread
 over seeds, greedy accuracy after RL, and bytes each worker sent in the RL phase (encoded
 buffers; for DDP modes the ring all-reduce volume, for PowerSGD a formula for its factor all-reduces).
 Figures: reward vs step and reward vs cumulative bytes.
 
-    python benchmarks/bench_convergence.py           # 30 runs, ~20 min on 2 cores
+    python benchmarks/bench_convergence.py           # 55 runs, ~25 min on 2 cores
+    python benchmarks/bench_convergence.py --methods dense,aspg-1% --seeds 0-9 --name convergence_10seeds
+                                                     # the target's pair with 10 seeds (~9 min)
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ METHODS = {
     "aspg-10%": ["comm=aspg", "optimizer=aspg", "density=0.1"],
     "aspg-1%": ["comm=aspg", "optimizer=aspg", "density=0.01"],
     "aspg-0.1%": ["comm=aspg", "optimizer=aspg", "density=0.001"],
+    "aspg-1%-magnitude": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.importance=magnitude"],
     # 1% in all, LayerNorm parameters sent whole and the rest sharing what is left (the research
     # matrix's H3 layout)
     "aspg-1%-perkind": ["comm=aspg", "optimizer=aspg", "density=0.01", kind_density_override("tiny", 0.01)],
@@ -78,7 +83,7 @@ def run(method: str, seed: int, out: Path, extra: list[str]) -> dict:
             "sent_bytes": sent, "dense_equiv_bytes": summary["dense_equiv_bytes_total"]}
 
 
-def render(rows: list[dict], seeds: list[int], steps: int) -> tuple[str, list]:
+def render(rows: list[dict], seeds: list[int], steps: int, name: str = "convergence") -> tuple[str, list]:
     """The results table, the targets and the notes, from the per-method rows."""
     md = [f"Job: launch/recipes/demo.yaml (2 workers, tiny GPT-2, 1-digit addition, {steps} GRPO steps after a "
           f"dense SFT warm start); seeds {seeds}. Final reward = mean sampled reward over the last 50 RL steps of rank 0. "
@@ -94,13 +99,16 @@ def render(rows: list[dict], seeds: list[int], steps: int) -> tuple[str, list]:
         d = next(r for r in rows if r["method"] == dname)
         s = next(r for r in rows if r["method"] == sname)
         spread = max(d["final_reward_std"], s["final_reward_std"])
+        diffs = [b - a for a, b in zip(d["final_rewards"], s["final_rewards"])]  # same seeds: same init, data, prompts
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         return [(f"{sname} final reward within the seed-to-seed spread of {dname}",
                  d["final_reward_mean"] - s["final_reward_mean"] <= spread,
-                 f"{dname} {d['final_reward_mean']:.3f}, {sname} {s['final_reward_mean']:.3f}, spread {spread:.3f}"),
+                 f"{dname} {d['final_reward_mean']:.3f}, {sname} {s['final_reward_mean']:.3f}, spread {spread:.3f} "
+                 f"(difference paired by seed {statistics.mean(diffs):+.3f}, standard error {se:.3f})"),
                 (f"{sname} sends >= 50x fewer bytes than {dname}", s["bytes_vs_dense"] >= 50, f"{s['bytes_vs_dense']:.0f}x")]
 
-    targets = target("dense", "aspg-1%")  # the recipe's rate for both
     names = {r["method"] for r in rows}
+    targets = target("dense", "aspg-1%") if "aspg-1%" in names else []  # the recipe's rate for both
     if {"dense-lr1e-3", "aspg-1%-lr1e-3"} <= names:  # each at the better of its two rates
         best = lambda fam: max((r for r in rows if r["method"] in fam), key=lambda r: r["final_reward_mean"])["method"]  # noqa: E731
         bd, bs = best(("dense", "dense-lr1e-3")), best(("aspg-1%", "aspg-1%-lr1e-3"))
@@ -110,26 +118,37 @@ def render(rows: list[dict], seeds: list[int], steps: int) -> tuple[str, list]:
             md.append("\nAt lr 1e-3 both dense and ASPG-1% do worse than at the recipe's 3e-4 (table), so the "
                       "recipe's rate is each one's better rate of the two tried.\n")
     md.append("\n## targets\n\n" + table(["target", "measured", "result"], [[t, m, "PASS" if ok else "FAIL"] for t, ok, m in targets]))
-    md.append("\nThree seeds on a 0.1M-parameter model and one task: a check of the pipeline and of the order of magnitude, "
-              "not a general claim about 1% density.\n\n![convergence](convergence.png)\n")
+    md.append(f"\n{len(seeds)} seeds on a 0.1M-parameter model and one task: a check of the pipeline and of the order of magnitude, "
+              f"not a general claim about 1% density.\n\n![{name}]({name}.png)\n")
     return "".join(md), targets
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]."""
+    lo, dash, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if dash else [int(x) for x in text.split(",")]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--render", action="store_true", help="rewrite results/convergence.md from results/convergence.json")
+    ap.add_argument("--render", action="store_true", help="rewrite results/NAME.md from results/NAME.json")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS).replace("%", "%%"))
+    ap.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
+    ap.add_argument("--name", default="convergence", help="results/NAME.{md,json,png} (default convergence)")
     a = ap.parse_args()
     if a.render:
-        data = json.loads((RESULTS / "convergence.json").read_text())
-        md, targets = render(data["rows"], [0, 1, 2], 400)
+        data = json.loads((RESULTS / f"{a.name}.json").read_text())
+        md, targets = render(data["rows"], data["seeds"], 400, a.name)
         data["targets"] = [{"target": t, "pass": bool(o), "measured": m} for t, o, m in targets]
-        head = (RESULTS / "convergence.md").read_text().split("\n\n", 2)  # keep the command / date / machine block
-        (RESULTS / "convergence.md").write_text("\n\n".join(head[:2]) + "\n\n" + md)
-        (RESULTS / "convergence.json").write_text(json.dumps(data, indent=2))
+        head = (RESULTS / f"{a.name}.md").read_text().split("\n\n", 2)  # keep the command / date / machine block
+        (RESULTS / f"{a.name}.md").write_text("\n\n".join(head[:2]) + "\n\n" + md)
+        (RESULTS / f"{a.name}.json").write_text(json.dumps(data, indent=2))
         return 0
-    methods = ["dense", "aspg-1%"] if a.quick else list(METHODS)
-    seeds = [0, 1] if a.quick else [0, 1, 2]
+    methods = ["dense", "aspg-1%"] if a.quick else a.methods.split(",")
+    if "dense" not in methods or not set(methods) <= set(METHODS):
+        ap.error(f"--methods must include dense and name only: {', '.join(METHODS)}")
+    seeds = [0, 1] if a.quick else parse_seeds(a.seeds)
     extra = ["rl_steps=100"] if a.quick else []
     runs = []
     tmp = Path(tempfile.mkdtemp())
@@ -148,7 +167,7 @@ def main() -> int:
                      "final_rewards": fr, "accuracy_after_mean": statistics.mean(r["accuracy_after"] for r in rs),
                      "sent_bytes_mean": statistics.mean(r["sent_bytes"] for r in rs)})
         rows[-1]["bytes_vs_dense"] = dense_bytes / rows[-1]["sent_bytes_mean"] if rows[-1]["sent_bytes_mean"] else float("inf")
-    md, targets = render(rows, seeds, 100 if a.quick else 400)
+    md, targets = render(rows, seeds, 100 if a.quick else 400, a.name)
     for t, ok, m in targets:
         print(f"{'PASS' if ok else 'FAIL'}  {t}: {m}")
     if not a.quick:
@@ -164,16 +183,17 @@ def main() -> int:
             k = 25  # moving average for readability
             sm = np.array([np.convolve(x, np.ones(k) / k, mode="valid") for x in R])
             x = np.arange(sm.shape[1]) + k
-            a1.plot(x, sm.mean(0), color=f"C{i}", label=m)
+            style = "-" if i < 10 else "--"  # the colour cycle has 10 colours
+            a1.plot(x, sm.mean(0), color=f"C{i}", ls=style, label=m)
             a1.fill_between(x, sm.min(0), sm.max(0), color=f"C{i}", alpha=0.15)
             B = np.array([r["cum_sent_bytes"] for r in rs]).mean(0)[k - 1:]
-            a2.plot(np.maximum(B, 1), sm.mean(0), color=f"C{i}", label=m)
+            a2.plot(np.maximum(B, 1), sm.mean(0), color=f"C{i}", ls=style, label=m)
         a1.set_xlabel("RL step"), a1.set_ylabel(f"sampled reward ({k}-step mean; band = min..max over seeds)"), a1.legend(fontsize=8)
         a2.set_xscale("log"), a2.set_xlabel("cumulative bytes sent per worker"), a2.set_ylabel("sampled reward"), a2.legend(fontsize=8)
         fig.tight_layout()
         RESULTS.mkdir(exist_ok=True)
-        fig.savefig(RESULTS / "convergence.png", dpi=110)
-        print("wrote", write_results("convergence", {"rows": rows, "targets": [{"target": t, "pass": bool(o), "measured": m}
+        fig.savefig(RESULTS / f"{a.name}.png", dpi=110)
+        print("wrote", write_results(a.name, {"rows": rows, "seeds": seeds, "targets": [{"target": t, "pass": bool(o), "measured": m}
                                                                                for t, o, m in targets]}, md))
     else:
         print(md)

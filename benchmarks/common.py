@@ -63,6 +63,7 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    def row(cells) -> str:  # a "|" inside a cell (e.g. |x|) would end the cell
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    out = [row(headers), "|" + "---|" * len(headers)] + [row(r) for r in rows]
     return "\n".join(out) + "\n"

@@ -6,11 +6,21 @@ One step on one worker (P workers, N parameters in all):
     e += -lr * m_hat / (sqrt(v_hat) + eps)                 error-feedback buffer (worker-local)
     w *= 1 - lr * wd                                       decoupled weight decay: identical on every
                                                            replica, so applied locally, never sent
+    s = b s + (1-b) g                                      signed EMA of the gradient (worker-local)
     every `local_steps` steps:
-      d = top-k of e  (by |e|, by an EMA of |g|, or random)  k = density * N, global or per tensor
+      d = top-k of e by |e * s|                            k = density * N, global or per tensor
       d = roundtrip(d) ; e -= d                            what receivers decode is what leaves e
       mean over workers of d  (sparse all-gather)          or of e (dense all-reduce), when cheaper
       w += mean                                            the same bits on every replica
+
+Importance (`importance=`): the default "impact" ranks each entry by |e * s|, the first-order
+loss change that applying its residual would bring (|e| is how far the entry is behind, |s| how
+much the loss cares). Ranking by |e| alone ("magnitude") treats every entry alike, because Adam
+normalises each entry's step to about lr: a LayerNorm gain that scales a whole channel waits as
+long as one matrix entry, and the signed EMA of a noise-dominated gradient averages out, so
+noise waits too. Measured on the demo job (benchmarks/results/convergence.md, 2 workers, 1%):
+"impact" reaches dense AdamW's reward, "magnitude" stays below it; "ema_grad" (EMA of |g|
+alone) and "random" are kept as controls.
 
 Error feedback wraps the Adam update, the quantity actually compressed, not the raw gradient
 (1-bit Adam's lesson); this is MicroAdam's (arXiv 2405.15593) and DGC's (arXiv 1712.01887)
@@ -47,7 +57,7 @@ from ..delta import SparseDelta
 from ..exchange.base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, apply_mean_
 from ..track.comm import CommTracker, ring_allreduce_bytes
 
-IMPORTANCE = ("magnitude", "ema_grad", "random")
+IMPORTANCE = ("magnitude", "ema_grad", "impact", "random")
 BUDGETS = ("global", "per_tensor")
 
 
@@ -55,7 +65,7 @@ class ASPG(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, density: float = 0.01, warmup_steps: int = 0,
                  adaptive_epsilon: float | None = None, min_density: float = 1e-4, max_density: float = 0.25,
-                 budget: str = "global", local_steps: int = 1, importance: str = "magnitude", ema_beta: float = 0.9,
+                 budget: str = "global", local_steps: int = 1, importance: str = "impact", ema_beta: float = 0.9,
                  selector: str = "sampled", index_codec: str = "auto", value_codec: str = "bf16",
                  dense_fallback: bool = True, fallback_margin: float = 1.0, switch: str = "volume",
                  probe_every: int = 50, transport: Transport | None = None,
@@ -109,7 +119,7 @@ class ASPG(Optimizer):
         device = self._params[0].device if self._params else torch.device("cpu")
         self.ef = ErrorFeedback()
         self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        self._score = torch.zeros(self.numel, device=device) if importance == "ema_grad" else None
+        self._score = torch.zeros(self.numel, device=device) if importance in ("ema_grad", "impact") else None
         self._bind_views()
         if hasattr(self.transport, "bind"):  # e.g. the coordinator transport: join, seed or sync weights
             self.transport.bind(self._params)
@@ -201,8 +211,10 @@ class ASPG(Optimizer):
                 step_size = lr / (1 - b1 ** step)
                 denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
                 st["residual"].addcdiv_(st["exp_avg"], denom, value=-step_size)
-                if self._score is not None:
+                if self.options["importance"] == "ema_grad":
                     st["importance"].mul_(beta_ema).add_(g.abs(), alpha=1 - beta_ema)
+                elif self.options["importance"] == "impact":  # signed EMA: noise averages out
+                    st["importance"].lerp_(g, 1 - beta_ema)
 
     def current_density(self) -> float:
         """This exchange's density: 1 in warm-up; adaptive if configured (agreed across ranks)."""
@@ -278,15 +290,22 @@ class ASPG(Optimizer):
     def _select(self, density: float, per_tensor: list[float]) -> SparseDelta:
         flat = self.ef.residuals["flat"]
         if self.options["budget"] == "global":
-            return self.selector.select(flat, k_for(self.numel, density), self._score)
+            return self.selector.select(flat, k_for(self.numel, density), self._ranking(flat, self._score))
         parts_i, parts_v = [], []
         for p, off, pd in zip(self._params, self._offsets, per_tensor):
             view = flat[off:off + p.numel()]
-            score = None if self._score is None else self._score[off:off + p.numel()]
+            score = self._ranking(view, None if self._score is None else self._score[off:off + p.numel()])
             d = self.selector.select(view, k_for(p.numel(), pd), score)
             parts_i.append(d.indices + off)
             parts_v.append(d.values)
         return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), torch.float32)
+
+    def _ranking(self, residual: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor | None:
+        """What top-k ranks by: |residual| (None), the EMA of |grad|, or the first-order loss change
+        |residual * EMA(grad)| that sending the residual would bring ("impact")."""
+        if self.options["importance"] == "impact":
+            return (residual * score).abs_()
+        return score
 
     def _add_flat_delta(self, d: SparseDelta, alpha: float) -> None:
         """weights += alpha * d, for a delta over the flat parameter space."""

@@ -1,7 +1,7 @@
 """`sparsecomm matrix`: the research plan's experiment matrix (1A-1C, H1-H3) as real runs, then a report.
 
-    sparsecomm matrix --preset quick --out runs/matrix-quick      # 49 runs, ~2.5 min on 2 cores
-    sparsecomm matrix --preset full  --out runs/matrix-full       # 145 runs, ~32 min on 2 cores
+    sparsecomm matrix --preset quick --out runs/matrix-quick      # 51 runs, ~2.5 min on 2 cores
+    sparsecomm matrix --preset full  --out runs/matrix-full       # 150 runs, ~33 min on 2 cores
     sparsecomm matrix --preset full  --out runs/matrix-full --report-only   # re-derive the report
 
 Every run is one single-process training job (sparsecomm.rl.trainer: a dense SFT warm start on
@@ -190,6 +190,9 @@ def build_matrix(preset_name: str) -> tuple[list[RunSpec], list[str]]:
             add("h1", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant=f"randomk-{tag}",
                 extra=(f"density={density}", "aspg.importance=random"))
         add("h1", optimizer="adamw", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="dense")
+        # the importance rule: ASPG's default ranks by |residual x EMA(grad)|; this ranks by |residual|
+        add("h1", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="magnitude-1%",
+            extra=("density=0.01", "aspg.importance=magnitude"))
         add("h3", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="global-1%", extra=("density=0.01",))
         add("h3", optimizer="aspg", lr=h_lr, seed=seed, steps=p.hyp_steps, variant="per-tensor-1%",
             extra=("density=0.01", "aspg.budget=per_tensor"))

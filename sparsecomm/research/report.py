@@ -288,7 +288,10 @@ def kstep_table(records) -> str:
 def md_table(head, body) -> str:
     if not body:
         return "_(no runs)_\n"
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in body]]) + "\n"
+
+    def row(cells) -> str:  # a "|" inside a cell (e.g. |x|) would end the cell
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([row(head), "|" + "---|" * len(head), *[row(r) for r in body]]) + "\n"
 
 
 def _reward_col(sub):

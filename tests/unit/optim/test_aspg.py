@@ -112,12 +112,26 @@ def test_adaptive_density_captures_the_mass():
     assert 0.001 <= opt.last_metrics["comm/density"] <= 0.02
 
 
-@pytest.mark.parametrize("importance", ["ema_grad", "random"])
+@pytest.mark.parametrize("importance", ["magnitude", "ema_grad", "random"])
 def test_other_importance_rules_run(importance):
     m = model()
     opt = ASPG(m.parameters(), lr=1e-2, density=0.1, importance=importance)
     train(m, opt, batches(3))
     assert opt.last_metrics["comm/path"] == "sparse"
+
+
+def test_impact_ranks_by_residual_times_gradient_ema():
+    """The default importance sends the entries whose residual moves the loss most (|e * s|), not the
+    largest residuals: a small residual on a steep coordinate beats a large one on a flat coordinate."""
+    w = nn.Parameter(torch.zeros(6))
+    opt = ASPG([w], lr=1e-2, density=2 / 6, selector="topk")
+    opt.ef.residuals["flat"].copy_(torch.tensor([1.0, 0.1, -0.5, 0.2, -0.05, 0.0]))
+    opt._score.copy_(torch.tensor([0.01, 5.0, -0.1, 0.0, -3.0, 9.0]))  # signed EMA of the gradient
+    # |e * s| = [0.01, 0.5, 0.05, 0, 0.15, 0]: entries 1 and 4; by |e| alone it would be 0 and 2
+    assert opt._select(2 / 6, [2 / 6]).indices.tolist() == [1, 4]
+    by_magnitude = ASPG([w], lr=1e-2, density=2 / 6, selector="topk", importance="magnitude")
+    by_magnitude.ef.residuals["flat"].copy_(opt.ef.residuals["flat"])
+    assert by_magnitude._select(2 / 6, [2 / 6]).indices.tolist() == [0, 2]
 
 
 def test_exact_resume():

@@ -68,6 +68,10 @@ def test_h1_and_h3_compare_against_the_seed_spread():
     assert A.verdict_h1(h1(0.90)).outcome == "sparsity helps"
     v = A.verdict_h1(h1(0.705))
     assert v.outcome == "no detectable effect" and "beats" in v.text  # vs random-k: clearly better
+    magnitude = [rec(["h1"], variant="magnitude-1%", seed=s, reward_last=0.55 + 0.01 * s) for s in range(3)]
+    assert "(default) vs by |residual| +0.155" in A.verdict_h1(h1(0.705) + magnitude).text
+    assert "the default is better" in A.verdict_h1(h1(0.705) + magnitude).text
+    assert "the default is worse" in A.verdict_h1(h1(0.40) + magnitude).text
     h3 = [rec(["h3"], variant=v, seed=s, reward_last=r + 0.01 * s) for s in range(3)
           for v, r in (("global-1%", 0.5), ("per-tensor-1%", 0.5), ("per-kind-1%", 0.8))]
     assert A.verdict_h3(h3).outcome == "per-kind budgets help"

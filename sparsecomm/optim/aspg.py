@@ -214,7 +214,7 @@ class ASPG(Optimizer):
                 if self.options["importance"] == "ema_grad":
                     st["importance"].mul_(beta_ema).add_(g.abs(), alpha=1 - beta_ema)
                 elif self.options["importance"] == "impact":  # signed EMA: noise averages out
-                    st["importance"].lerp_(g, 1 - beta_ema)
+                    st["importance"].lerp_(g.to(st["importance"].dtype), 1 - beta_ema)  # fp32 EMA of bf16 grads too
 
     def current_density(self) -> float:
         """This exchange's density: 1 in warm-up; adaptive if configured (agreed across ranks)."""

@@ -43,4 +43,5 @@ rank = dist.get_rank() if dist.is_initialized() else 0
 with open(f"{out}/r{rank}.json", "w") as f:
     json.dump({"digest": digest, "last": cb.last}, f)
 if dist.is_initialized():
+    dist.barrier()  # both ranks done with every collective before either tears gloo down (one CI run aborted in teardown)
     dist.destroy_process_group()

@@ -134,6 +134,17 @@ def test_impact_ranks_by_residual_times_gradient_ema():
     assert by_magnitude._select(2 / 6, [2 / 6]).indices.tolist() == [0, 2]
 
 
+def test_impact_keeps_an_fp32_ema_of_bf16_gradients():
+    m = model().to(torch.bfloat16)
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.1)
+    for x, y in batches(3):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x.bfloat16()), y.bfloat16()).backward()
+        opt.step()
+    assert opt._score.dtype == torch.float32 and opt._score.abs().sum() > 0
+    assert opt.last_metrics["comm/path"] == "sparse"
+
+
 def test_exact_resume():
     data = batches(10)
     m1 = model()

@@ -288,9 +288,9 @@ def verdict_h1(records) -> Verdict:
         outcomes.append(effect)
         parts.append(f"at {tag}: ASPG vs dense {d1:+.3f} (margin {m1:.3f}) -> {effect}; ASPG vs random-k {d2:+.3f} "
                      f"(margin {m2:.3f}) -> importance ranking {'beats' if c_rand == 'above' else 'loses to' if c_rand == 'below' else 'ties'} random")
-    magnitude = _final_rewards(runs, "magnitude-1%")
-    if magnitude and _final_rewards(runs, "aspg-1%"):  # the importance rule itself: |e x EMA(g)| vs |e|
-        c, d, m = compare(_final_rewards(runs, "aspg-1%"), magnitude)
+    magnitude, default = _final_rewards(runs, "magnitude-1%"), _final_rewards(runs, "aspg-1%")
+    if magnitude and default:  # the importance rule itself: |e x EMA(g)| vs |e|
+        c, d, m = compare(default, magnitude)
         nums["magnitude-1%"] = dict(zip(("mean", "sd", "n"), mean_sd(magnitude)))
         parts.append(f"at 1%: ranking by |residual x EMA(grad)| (default) vs by |residual| {d:+.3f} (margin {m:.3f}) -> "
                      + {"above": "the default is better", "below": "the default is worse", "same": "no detectable difference"}[c])

@@ -5,6 +5,7 @@ One node, 2 workers:  torchrun --nproc-per-node 2 launch/train.py --config launc
 Several nodes:        torchrun --nnodes 8 --node-rank R --nproc-per-node 1 \\
                           --master-addr HOST0 --master-port 29500 launch/train.py --config CONFIG
 Overrides:            ... rl_steps=100 density=0.001 comm=hook optimizer=adamw grpo.group_size=4
+                      aspg.importance=magnitude (ASPG options: see sparsecomm.optim.aspg)
 
 Every key of sparsecomm.rl.trainer.TrainConfig can be set in the YAML file or overridden as
 key=value. The run directory receives config.json, stats_rank*.jsonl and summary.json;

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from sparsecomm.track.report import markdown_table as table  # noqa: F401  (the benchmarks' name)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,8 +64,3 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
     return path
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    def row(cells) -> str:  # a "|" inside a cell (e.g. |x|) would end the cell
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    out = [row(headers), "|" + "---|" * len(headers)] + [row(r) for r in rows]
-    return "\n".join(out) + "\n"

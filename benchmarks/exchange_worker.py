@@ -4,8 +4,9 @@ For each size: a dense all_reduce of the update (+ apply), then for each density
 exchange as ASPG runs it - select (sampled threshold on |residual|: ASPG's importance="magnitude";
 the default "impact" first forms |residual x EMA(grad)|, a cost results/codec.md measures), value
 round trip + error-feedback update, encode, size exchange + padded all_gather, decode + rank-order
-mean, apply - with the path the automatic switch picks; optionally DDP steps with the default hook, the sparse hook
-and no communication (no_sync). Times are the maximum over ranks, between barriers.
+mean, apply - with the path the automatic switch picks; optionally DDP steps with the default
+hook, the sparse hook and no communication (no_sync). Times are the maximum over ranks, between
+barriers.
 """
 from __future__ import annotations
 

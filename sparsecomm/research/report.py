@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..track.report import markdown_table
 from . import analysis as A
 
 # What the literature cited in DESIGN.md measured, for the comparison lines (fixed references).
@@ -286,12 +287,7 @@ def kstep_table(records) -> str:
 
 
 def md_table(head, body) -> str:
-    if not body:
-        return "_(no runs)_\n"
-
-    def row(cells) -> str:  # a "|" inside a cell (e.g. |x|) would end the cell
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-    return "\n".join([row(head), "|" + "---|" * len(head), *[row(r) for r in body]]) + "\n"
+    return markdown_table(head, body) if body else "_(no runs)_\n"
 
 
 def _reward_col(sub):

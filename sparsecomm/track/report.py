@@ -30,6 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/report)")
 
 
+def markdown_table(headers: list, rows: list[list]) -> str:
+    """A markdown table; a "|" inside a cell (e.g. |x|) is escaped so it does not end the cell."""
+
+    def row(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([row(headers), "|" + "---|" * len(headers), *[row(r) for r in rows]]) + "\n"
+
+
 def load_run(run_dir: Path) -> list[StepStats]:
     files = sorted(run_dir.rglob("*.jsonl"))
     if not files:

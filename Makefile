@@ -1,19 +1,26 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
-# Each creates .venv on first use, pins the CPU wheel of torch, and installs sparsecomm.
+# Each creates .venv on first use, pins the CPU wheel of torch, and installs sparsecomm with every
+# other package at the version in constraints.txt (the tested environment; `make constraints`
+# regenerates it from a venv that passed).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-0.3
+STAMP := $(VENV)/.installed-0.4
 
-.PHONY: demo demo-codec test clean
+.PHONY: demo demo-codec test constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# pin first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,rl,trl]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,rl,trl]'
 	touch $@
+
+# Record the current venv's versions as the tested environment (run after the tests passed).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The main job: 2 workers under torchrun, SFT warm start then GRPO with ASPG at 1% (launch/recipes/demo.yaml)
 demo: $(STAMP)

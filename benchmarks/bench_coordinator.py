@@ -62,7 +62,8 @@ def run_config(link: str, P: int, numel: int, mode: str, rounds: int, port: int)
     try:
         host = cluster.addresses[0] if cluster else "127.0.0.1"
         bind = f"tcp://{host}:{port}"
-        cmd = [sys.executable, "-m", "sparsecomm.cli", "coordinator", "--bind", bind, *coord_args]
+        cmd = [sys.executable, "-m", "sparsecomm.cli", "coordinator", "--bind", bind, *coord_args,
+               *(["--insecure"] if cluster else [])]  # emulated links: private to this machine
         if cluster:  # metrics of a namespaced coordinator are read from inside its namespace
             cmd[cmd.index("--metrics-port") + 1] = str(port + 1)
         coord = cluster.popen(0, cmd, env=env) if cluster else subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -7,14 +7,15 @@ every worker a real process on it. Two workloads, each with three communication 
      process per host): the `small` model (0.8M parameters), short dense SFT warm start, then
      GRPO steps with
         dense        DDP's all-reduce + AdamW
-        aspg         ASPG at 1%, torch.distributed sparse exchange (all-gather of encoded deltas)
+        aspg         ASPG at 1%, torch.distributed sparse exchange (the switch's path: split at P=8)
         coordinator  ASPG at 1%, through `sparsecomm coordinator` on host 0
      Reported from the run's StepStats: median RL step time (slowest rank; steps after the first
      five), bytes each worker sent per step (encoded buffers; for DDP the ring all-reduce volume),
      and the dense all-reduce of the same parameters measured every 5 steps in the same run.
   B. A GPT-2-124M-sized update (124,439,808 fp32 values, 1%, bf16 values):
-        dense / aspg  benchmarks/exchange_worker.py on 8 hosts: one whole exchange (select, encode,
-                      all-gather, decode, apply) vs an all_reduce of the same tensor, same group
+        dense / aspg  benchmarks/exchange_worker.py on 8 hosts: one whole exchange on the split sparse
+                      all-reduce (select, encode, reduce-scatter, owner top-k, all-gather, decode,
+                      apply) vs an all_reduce of the same tensor, same group
         coordinator   benchmarks/coordinator_worker.py: 8 trainers + the coordinator on a 9th host,
                       resparsified 1% bf16 aggregate; time from push to verified aggregate
      Every process of a configuration shares this machine's 2 cores: CPU phases are 4-8x slower
@@ -77,9 +78,9 @@ def rl_run(rate: str, hosts: int, mode: str, model: str, steps: int, port: int) 
 
 
 def update_runs(rate: str, hosts: int, numel: int, port: int) -> list[dict]:
-    rows = bench_exchange.run_config(rate, hosts, [numel], [0.01], reps=1)
+    rows = bench_exchange.run_config(rate, hosts, [numel], [0.01], reps=2, paths=("split",))
     dense = next(r for r in rows if r["case"] == "dense_allreduce")
-    aspg = next(r for r in rows if r["case"] == "aspg_exchange")
+    aspg = next(r for r in rows if r["case"] == "sparse_exchange")
     coord = bench_coordinator.run_config(rate, hosts, numel, "resparsify", rounds=2, port=port)
     base = {"workload": "124M update" if numel > 10**8 else f"{numel:,} update", "link": f"{rate} Mbit/s", "hosts": hosts,
             "numel": numel, "dense_equiv_bytes_per_step": dense["wire_bytes_per_worker"], "dense_allreduce_s": dense["time_s"]}

@@ -64,3 +64,30 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
     return path
 
 
+
+
+def run_ranks(link: str, P: int, argv, timeout_s: int = 3600) -> None:
+    """Start rank r as `argv(r, master_address)` for r < P: on loopback, or one per emulated host on a
+    tbf-shaped bridge (link = rate in Mbit/s; sparsecomm.cluster, root only). Raises if a rank fails."""
+    import subprocess
+
+    from sparsecomm.cluster import EmulatedCluster
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    if link == "loopback":
+        procs = [subprocess.Popen(argv(r, "127.0.0.1"), env={**env, "GLOO_SOCKET_IFNAME": "lo"}) for r in range(P)]
+        try:
+            for p in procs:
+                p.wait(timeout=timeout_s)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    else:
+        with EmulatedCluster(P, rate_mbit=float(link)) as cluster:
+            procs = [cluster.popen(r, argv(r, cluster.addresses[0]), env={**env, **cluster.torchrun_env()})
+                     for r in range(P)]
+            for p in procs:
+                p.wait(timeout=timeout_s)
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{link} P={P}: a rank failed (exit codes {[p.returncode for p in procs]})")

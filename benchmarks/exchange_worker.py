@@ -1,12 +1,14 @@
 """One rank of bench_exchange.py (started by it, on loopback or inside an emulated host).
 
 For each size: a dense all_reduce of the update (+ apply), then for each density the sparse
-exchange as ASPG runs it - select (sampled threshold on |residual|: ASPG's importance="magnitude";
-the default "impact" first forms |residual x EMA(grad)|, a cost results/codec.md measures), value
-round trip + error-feedback update, encode, size exchange + padded all_gather, decode + rank-order
-mean, apply - with the path the automatic switch picks; optionally DDP steps with the default
-hook, the sparse hook and no communication (no_sync). Times are the maximum over ranks, between
-barriers.
+exchange exactly as ASPG and the DDP hook run it (`sparsecomm.exchange.SparseExchange`:
+threshold-reuse selection by |residual|, value round trip, encode, transport, decode all,
+apply, error-feedback commit) on each path - the all-gather, the split sparse all-reduce - and
+the path the volume rule picks. Every repetition adds the same per-rank update to the residual
+first (error feedback accumulates; the first repetition estimates the threshold, later ones
+reuse it). Times are the maximum over ranks, between barriers; CPU seconds are this process's
+(all its threads) during the exchange, reported as the maximum and the mean over ranks, so a
+reader can tell the wire from the CPU when ranks share cores.
 """
 from __future__ import annotations
 
@@ -19,12 +21,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from sparsecomm.codec import VALUE_CODECS, encode, roundtrip_values
-from sparsecomm.compress import ErrorFeedback, SampledThreshold, k_for
-from sparsecomm.exchange import PathChooser, TorchDistTransport, apply_mean_, choose_path
-from sparsecomm.track import ring_allreduce_bytes
+from sparsecomm.codec import VALUE_CODECS
+from sparsecomm.compress import ErrorFeedback, k_for
+from sparsecomm.exchange import DenseSink, SparseExchange, TorchDistTransport, choose_path
+from sparsecomm.track import CommTracker, ring_allreduce_bytes
 
 
 def max_over_ranks(x: float) -> float:
@@ -33,11 +34,18 @@ def max_over_ranks(x: float) -> float:
     return float(t)
 
 
-def timed(fn) -> float:
+def mean_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, max over ranks; CPU seconds of this process)."""
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return max_over_ranks(time.perf_counter() - t0)
+    return max_over_ranks(time.perf_counter() - t0), time.process_time() - c0
 
 
 def dense_exchange(buf, weights, P):
@@ -46,114 +54,44 @@ def dense_exchange(buf, weights, P):
     weights.add_(buf)
 
 
-def bench_size(n, densities, reps, value, P, rank, out):
+def bench_size(n, densities, reps, value, P, rank, out, paths):
     torch.manual_seed(rank)
     u = torch.randn(n).mul_(1e-3)  # the same per-rank update every repetition: error feedback accumulates
     weights = torch.zeros(n)
     buf = torch.empty(n)
-    dense_s = []
+    dense = []
     for _ in range(reps):
         buf.copy_(u)
-        dense_s.append(timed(lambda: dense_exchange(buf, weights, P)))
+        dense.append(timed(lambda: dense_exchange(buf, weights, P)))
     del buf
-    out({"case": "dense_allreduce", "numel": n, "P": P, "time_s": min(dense_s), "times_s": dense_s,
-         "wire_bytes_per_worker": ring_allreduce_bytes(n, 4, P)})
+    dense_s = min(t for t, _ in dense)
+    out({"case": "dense_allreduce", "numel": n, "P": P, "time_s": dense_s, "times_s": [t for t, _ in dense],
+         "cpu_s_max": max_over_ranks(min(c for _, c in dense)), "wire_bytes_per_worker": ring_allreduce_bytes(n, 4, P)})
     tr = TorchDistTransport()
+    vb = VALUE_CODECS[value].bytes_per_value
     for density in densities:
-        ef, sel = ErrorFeedback(), SampledThreshold(seed=rank)
-        path = choose_path(n, density, P, VALUE_CODECS[value].bytes_per_value)
-        rows = []
-        for _ in range(reps):
-            e = ef.compensate("w", u)  # the optimizer's accumulate: the same work on the dense path, not timed
-            phases, info = {}, {}
-
-            def sparse():
-                t = time.perf_counter
-                t0 = t()
-                if path == "dense":
-                    dist.all_reduce(e)
-                    e.div_(P)
-                    weights.add_(e)
-                    e.zero_()
-                    phases["transfer"] = t() - t0
-                    info["wire"] = ring_allreduce_bytes(n, 4, P)
-                    return
-                d = roundtrip_values(sel.select(e, k_for(n, density)), value)
-                ef.update("w", d)
-                t1 = t()
-                payload = encode(d, "auto", value)
-                t2 = t()
-                payloads = tr.all_gather_bytes(payload)
-                t3 = t()
-                split = {}
-                applied = apply_mean_(payloads, n, lambda dd, w: dd.add_to(weights, alpha=w), split)
-                phases.update(select=t1 - t0, encode=t2 - t1, transfer=t3 - t2, decode=split["decode"], apply=split["apply"])
-                info.update(wire=tr.wire_bytes([len(b) for b in payloads])[0], payload=len(payload), k=d.k,
-                            agg_k=applied)
-
-            total = timed(sparse)
-            rows.append((total, {k: max_over_ranks(v) for k, v in phases.items()}, info))
-        best = min(rows, key=lambda r: r[0])
-        # the measured switch, for real: fed this run's timings of both paths, its pick is run once more
-        chooser = PathChooser("measured", probe_every=50, ema=1.0)
-        chooser.observe("sparse" if path == "sparse" else "dense", best[0])
-        chooser.observe("dense", min(dense_s))
-        auto_path = chooser.choose(n, density, P, VALUE_CODECS[value].bytes_per_value)
-        auto_times = []
-        for _ in range(reps):
-            e = ef.compensate("w", u)
-            auto_times.append(timed(lambda: dense_exchange(e, weights, P)) if auto_path == "dense" else timed(sparse))
-            if auto_path == "dense":
-                e.zero_()  # everything was sent (bookkeeping, outside the timed region)
-        auto_s = min(auto_times)
-        out({"case": "aspg_exchange", "numel": n, "P": P, "density": density, "value_codec": value, "path": path,
-             "time_s": best[0], "times_s": [r[0] for r in rows], "phases_s": best[1],
-             "payload_bytes": best[2].get("payload"), "wire_bytes_per_worker": best[2]["wire"],
-             "k": best[2].get("k"), "applied_entries": best[2].get("agg_k"), "dense_time_s": min(dense_s),
-             "speedup_vs_dense": min(dense_s) / best[0], "measured_switch_path": auto_path,
-             "measured_switch_time_s": auto_s, "measured_switch_speedup_vs_dense": min(dense_s) / auto_s})
-        del ef
-
-
-class Stack(nn.Module):
-    def __init__(self, n, d=4096):
-        super().__init__()
-        self.layers = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(max(1, round(n / d / d)))])
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-def bench_hook(n, density, value, reps, P, rank, out):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from sparsecomm.exchange import SparseHookState, sparse_topk_hook
-
-    torch.manual_seed(0)
-    model = Stack(n)
-    numel = sum(p.numel() for p in model.parameters())
-    x = torch.randn(1, 4096)
-    for mode in ("no_sync", "default_allreduce", "sparse_hook"):
-        ddp = DDP(model, gradient_as_bucket_view=True)
-        if mode == "sparse_hook":
-            state = SparseHookState(density=density, value_codec=value, seed=rank)
-            ddp.register_comm_hook(state, sparse_topk_hook)
-
-        def step():
-            ddp.zero_grad(set_to_none=False)
-            if mode == "no_sync":
-                with ddp.no_sync():
-                    ddp(x).sum().backward()
-            else:
-                ddp(x).sum().backward()
-
-        step()  # first iteration: DDP rebuilds buckets
-        times = [timed(step) for _ in range(reps)]
-        row = {"case": f"ddp_{mode}", "numel": numel, "P": P, "time_s": min(times), "times_s": times}
-        if mode == "sparse_hook":
-            row.update(density=density, value_codec=value, wire_bytes_per_worker=state.last_metrics.get("comm/sent_bytes"))
-        out(row)
-        del ddp
+        k = k_for(n, density)
+        volume_path = choose_path(n, k, P, vb)
+        for path in paths:
+            ef, comm = ErrorFeedback(), CommTracker()
+            ex = SparseExchange(tr, value_codec=value, paths=(path,), seed=rank, comm=comm)
+            rows = []
+            for _ in range(reps):
+                e = ef.compensate("w", u)  # the optimizer's accumulate: the same work on every path, not timed
+                wall, cpu = timed(lambda: ex.exchange("w", e, k, DenseSink(weights)))
+                m = comm.collect(n, 4, P)
+                rows.append((wall, cpu, m))
+            best = min(range(reps), key=lambda i: rows[i][0])
+            wall, cpu, m = rows[best]
+            phases = {ph: max_over_ranks(m.get(f"timing/{ph}_s", 0.0))
+                      for ph in ("select", "encode", "transfer", "decode", "apply")}
+            out({"case": "sparse_exchange", "numel": n, "P": P, "density": density, "value_codec": value, "path": path,
+                 "volume_path": volume_path, "time_s": wall, "times_s": [r[0] for r in rows], "phases_s": phases,
+                 "cpu_s_max": max_over_ranks(cpu), "cpu_s_mean": mean_over_ranks(cpu),
+                 "wire_bytes_per_worker": max_over_ranks(m["comm/sent_bytes"]), "k": k, "selected": m.get("comm/k"),
+                 "aggregate_entries": m.get("comm/applied_entries"), "index_codec": m.get("comm/index_codec"),
+                 "dense_time_s": dense_s, "speedup_vs_dense": dense_s / wall})
+            del ef, ex
 
 
 def main():
@@ -166,7 +104,7 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.01, 0.001])
     ap.add_argument("--value", default="bf16")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--hook-size", type=int, default=0, help="also benchmark DDP hooks at this size (0: skip)")
+    ap.add_argument("--paths", nargs="+", default=["allgather", "split"], help="sparse paths to time")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // a.world))
@@ -182,9 +120,7 @@ def main():
 
     try:
         for n in a.sizes:
-            bench_size(n, a.densities, a.reps, a.value, a.world, a.rank, out)
-        if a.hook_size:
-            bench_hook(a.hook_size, 0.01, a.value, a.reps, a.world, a.rank, out)
+            bench_size(n, a.densities, a.reps, a.value, a.world, a.rank, out, a.paths)
         rss = torch.tensor([rows[-1]["peak_rss_gib_rank"] if rows else 0.0], dtype=torch.float64)
         dist.all_reduce(rss)
         if a.rank == 0:

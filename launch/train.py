@@ -2,30 +2,49 @@
 
 One process:          python launch/train.py --config launch/recipes/demo.yaml comm=local
 One node, 2 workers:  torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/demo.yaml
+One GPU:              python launch/train.py --config launch/recipes/demo.yaml comm=local device=cuda
+One node, 8 GPUs:     torchrun --nproc-per-node 8 launch/train.py --config CONFIG   (device=auto: cuda:LOCAL_RANK, NCCL)
 Several nodes:        torchrun --nnodes 8 --node-rank R --nproc-per-node 1 \\
                           --master-addr HOST0 --master-port 29500 launch/train.py --config CONFIG
 Overrides:            ... rl_steps=100 density=0.001 comm=hook optimizer=adamw grpo.group_size=4
                       aspg.importance=magnitude (ASPG options: see sparsecomm.optim.aspg)
 
-Every key of sparsecomm.rl.trainer.TrainConfig can be set in the YAML file or overridden as
-key=value. The run directory receives config.json, stats_rank*.jsonl and summary.json;
-`sparsecomm report RUN_DIR` turns them into figures.
+Every field of sparsecomm.rl.config.TrainConfig (listed below) can be set in a YAML file or
+overridden as key=value (values are YAML; later sources win). The run directory receives
+config.json (with the device, backend and torch/CUDA/NCCL versions it ran on), stats_rank*.jsonl
+and summary.json; `sparsecomm report RUN_DIR` turns them into figures. Needs sparsecomm installed
+(`pip install -e '.[rl]'`, or PYTHONPATH=. from a checkout).
 """
+import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from sparsecomm.rl.config import TrainConfig, config_help
 
-from sparsecomm.rl.trainer import TrainConfig, Trainer, format_summary  # noqa: E402
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="config fields (key=value):\n" + config_help())
+    p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                   help="a recipe (e.g. launch/recipes/demo.yaml); repeatable, later files win")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the files")
+    return p
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    cfg = TrainConfig.from_args(argv)
-    trainer = Trainer(cfg)
+    args = parser().parse_intermixed_args(argv)  # --config may come after overrides, as before
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+    except ValueError as e:  # a config error is the user's to fix: say it in one line
+        print(f"launch/train.py: config error: {e}", file=sys.stderr)
+        return 2
+    from sparsecomm.rl.trainer import Trainer, format_summary  # after parsing: --help stays fast
+
+    try:
+        trainer = Trainer(cfg)
+    except ValueError as e:  # device / backend / resume refused before any training: one line, no hang
+        print(f"launch/train.py: cannot start: {e}", file=sys.stderr)
+        return 2
     try:
         summary = trainer.train()
         if trainer.rank == 0:

@@ -7,6 +7,7 @@
     sparsecomm keys DIR server trainer-0               # CURVE certificates
     sparsecomm matrix --preset quick --out DIR         # research matrix + REPORT.md
     sparsecomm cluster run --hosts 8 --rate-mbit 100 -- launch/train.py --config CONFIG
+    sparsecomm simulate --P 8 64 512 --links-gbps 0.1 1 10 100     # scale model of one exchange
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("sparsecomm.track.report", "turn a run directory's StepStats JSONL into PNG figures and a Markdown summary"),
     "cluster": ("sparsecomm.cluster.cli", "emulated hosts (network namespaces, shaped links) and torchrun across them"),
     "matrix": ("sparsecomm.research.matrix", "run the research plan's experiment matrix and write REPORT.md with verdicts"),
+    "simulate": ("sparsecomm.simulate", "alpha-beta model: predicted exchange time per path for large P and fast links"),
 }
 
 

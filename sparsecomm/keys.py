@@ -4,7 +4,8 @@ Writes DIR/NAME.key (public; give it to the other side) and DIR/NAME.key_secret 
 The coordinator takes its .key_secret with --curve-secret-key and a directory holding the
 allowed clients' .key files with --allow-keys; a client needs its own .key_secret and the
 server's .key. A client whose public key is not in the allow-list cannot complete the
-handshake, so it cannot send a single message.
+handshake, so it cannot send a single message. The name is the identity: a client holding
+NAME.key_secret may only act as worker NAME (name trainer keys after their worker ids).
 
     sparsecomm keys certs server trainer-0 trainer-1
     mkdir allowed && cp certs/trainer-*.key allowed/

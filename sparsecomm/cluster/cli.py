@@ -10,9 +10,10 @@ multi-node torchrun across them. Needs root.
 
 `run` starts one `torchrun --nnodes N --node-rank i` per host (static rendezvous on host 0:
 `--master-addr <host 0> --master-port`, or `--rdzv c10d` with `--local-addr` and
-`--rdzv-conf is_host=1|0`; GLOO_SOCKET_IFNAME=eth0 in both, see ../shared/ENVIRONMENT.md), waits
+`--rdzv-conf is_host=1|0`; GLOO_SOCKET_IFNAME=eth0 in both, see netns.py), waits
 for all of them, and removes the cluster it made - also after a failure, a timeout or Ctrl-C.
-`--mode coordinator` also starts `sparsecomm coordinator` on host 0 (Prometheus on
+`--mode coordinator` also starts `sparsecomm coordinator --insecure` on host 0 (the emulated
+links are private to this machine; Prometheus on
 --coordinator-metrics-port) and appends `comm=coordinator coordinator=tcp://<host 0>:PORT` to the
 training arguments. Host 0's output goes to the terminal, every host's to --log-dir/host<i>.log.
 
@@ -93,7 +94,7 @@ def run_on_cluster(cluster: EmulatedCluster, script_args: list[str], mode: str =
         logs.append(f)
         coord = cluster.popen(0, [sys.executable, "-m", "sparsecomm.cli", "coordinator", "--bind", endpoint,
                                   "--min-trainers", str(cluster.n_hosts * nproc), "--metrics-port", str(coordinator_metrics_port),
-                                  "--metrics-addr", "0.0.0.0", *coordinator_args],
+                                  "--metrics-addr", "0.0.0.0", "--insecure", *coordinator_args],
                               env=env, stdout=f, stderr=subprocess.STDOUT)
         args += ["comm=coordinator", f"coordinator={endpoint}"]
     procs = []

@@ -13,7 +13,7 @@ Only addresses inside these namespaces are used; everything created is removed b
 which `with EmulatedCluster(...)`, atexit and SIGINT/SIGTERM all call, and processes started
 with `popen()` are ended by their pid first.
 
-Running torchrun across namespaces (../shared/ENVIRONMENT.md): every namespace resolves the
+Running torchrun across namespaces: every namespace resolves the
 hostname to 127.0.0.1, so set GLOO_SOCKET_IFNAME=eth0 and, with c10d rendezvous,
 `--local-addr <host address>` plus `--rdzv-conf is_host=1` on the store host (0 elsewhere);
 the static form `--master-addr/--master-port` needs only GLOO_SOCKET_IFNAME. `torchrun_env()`

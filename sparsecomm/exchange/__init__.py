@@ -1,12 +1,26 @@
-"""Exchange layer: transports that turn every worker's sparse delta into one shared aggregate."""
-from .base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, aggregate_mean, apply_mean_, choose_path
+"""Exchange layer: how every worker's sparse delta becomes one aggregate that every replica applies.
 
-__all__ = ["SWITCH_POLICIES", "PathChooser", "LocalTransport", "Transport", "aggregate_mean", "apply_mean_", "choose_path", "TorchDistTransport", "SparseHookState",
-           "sparse_topk_hook", "Coordinator", "CoordinatorConfig", "CoordinatorClient", "CoordinatorTransport",
-           "RolloutClient", "CoordinatorError"]
+    transport.py   the collectives (LocalTransport; torch_dist.py: gloo/NCCL; zmq_client.py: ZeroMQ)
+    paths.py       dense | allgather | split: bytes model and the switch (PathChooser)
+    split.py       split sparse all-reduce: reduce-scatter to shard owners, owner top-k, all-gather
+    pipeline.py    SparseExchange: select -> encode -> transport -> decode -> apply, once for all callers
+    aggregate.py   deterministic rank-order decoding and means
+    ddp_hook.py    the DDP comm hook (SparseExchange per bucket)
+    coordinator    the ZeroMQ coordinator (aggregates in one process, serves rollout workers)
+"""
+from .aggregate import apply_mean_, decode_all, mean_of_deltas
+from .paths import PATHS, SWITCH_POLICIES, PathChooser, choose_path, predicted_bytes
+from .pipeline import DenseSink, FlatLayout, SparseExchange
+from .split import SplitAllReduce
+from .transport import LocalTransport, Transport
+
+__all__ = ["PATHS", "SWITCH_POLICIES", "PathChooser", "choose_path", "predicted_bytes", "LocalTransport", "Transport",
+           "apply_mean_", "decode_all", "mean_of_deltas", "DenseSink", "FlatLayout", "SparseExchange", "SplitAllReduce",
+           "TorchDistTransport", "SparseHookState", "sparse_topk_hook", "Coordinator", "CoordinatorConfig",
+           "CoordinatorClient", "CoordinatorTransport", "RolloutClient", "CoordinatorError"]
 
 
-def __getattr__(name):  # torch.distributed transport imported lazily
+def __getattr__(name):  # torch.distributed transport, ZeroMQ and DDP pieces imported lazily
     if name == "TorchDistTransport":
         from .torch_dist import TorchDistTransport
 

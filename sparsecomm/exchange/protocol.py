@@ -2,10 +2,11 @@
 
 Every message is a ZeroMQ multipart message `[header, *frames]` (the ROUTER side also sees the
 peer identity first). `header` is a msgpack map with at least {"v": 1, "op": str}; frames hold
-the codec's payloads (sparsecomm.codec wire format) or raw little-endian fp32 weight chunks.
+the codec's payloads (sparsecomm.codec wire format) or raw little-endian weight chunks
+(chunks.py: {index, total, offset}, at most CHUNK_BYTES each).
 
 Client -> coordinator
-    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, weights_hash}
+    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, hash}
     init        {worker, index, total, offset}            + fp32 chunk   (first trainer seeds W0)
     push        {worker, round, step, base_version}       + delta payload (flat, shape (numel,))
     heartbeat   {worker}
@@ -14,24 +15,35 @@ Client -> coordinator
     leave       {worker}
 
 Coordinator -> client
-    welcome     {version, hash, round, numel, need_init, need_snapshot}
-    aggregate   {round, version, hash, parent_hash, contributors, late_folded} + payload
-    rollout     {version, hash, kind: "bf16_delta"|"delta"}                     + payload
+    welcome     {version, hash, round, numel, need_init, need_sync, need_snapshot}
+    aggregate   {round, version, hash, parent_hash, contributors, late} + payload
+                contributors: workers whose on-time deltas it averages; late: [[worker, round], ...]
+                whose late deltas were folded in. Together they name every delta in the mean.
+    ack         {round, status: "pending"}  a re-sent push already counted; its aggregate follows
+    rollout     {version, hash, kind: "bf16_values"|"delta"}                     + payload
     anchor      {version, hash, index, total, offset, dtype}                    + chunk
     snapshot    {version, hash, index, total, offset}                           + fp32 chunk
     synced      {version, hash, count}  (after count `aggregate` replays)
     error       {reason, detail}        reason is one of REASONS (counted by the coordinator)
 
-Requests (join, init, push, sync, snapshot) may carry an integer "req"; `welcome` and `error`
-replies echo it, so a client that retried after a coordinator restart can ignore stale replies.
+Requests (join, init, push, sync, snapshot) may carry an integer "req"; `welcome`, `ack` and
+`error` replies echo it, so a client that retried after a coordinator restart can ignore stale
+replies. A push is idempotent: re-sent for a round whose aggregate exists and counts it, the
+reply is that same aggregate; re-sent while its round is open, the reply is `ack`.
 
 Versions: the coordinator's weights version counts applied aggregates; `hash` chains them:
 hash_v = sha256(hash_{v-1} || aggregate payload bytes), hash_0 = sha256(fingerprint || W0 bytes).
 A worker that applies the same payloads reaches the same hash, and can prove it.
+
+Size limits are checked before anything is unpacked (HeaderLimits): a request header is at
+most 4 KiB with short strings and arrays, so a msgpack "bomb" (a few bytes per nested object,
+~70 bytes of Python object each) is refused by its length prefix or by msgpack's own
+per-container limits, before it is materialised.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import msgpack
 
@@ -40,8 +52,23 @@ OPS_IN = ("join", "init", "push", "heartbeat", "sync", "snapshot", "leave")
 ROLES = ("trainer", "rollout")
 REASONS = ("malformed", "protocol_version", "unknown_op", "unknown_worker", "bad_field", "fingerprint",
            "shape_mismatch", "bad_payload", "value_out_of_range", "oversized", "duplicate", "stale", "not_ready",
-           "init_conflict", "internal")
-MAX_HEADER_BYTES = 64 * 1024
+           "init_conflict", "forbidden", "rate_limited", "internal")
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """Bounds on a header, enforced before (length) and while (msgpack's per-container limits) unpacking."""
+
+    max_bytes: int
+    max_str_len: int
+    max_array_len: int
+    max_map_len: int
+
+
+# What clients send is small and flat (the largest, `join`, is ~250 bytes): tight bounds.
+REQUEST_LIMITS = HeaderLimits(max_bytes=4096, max_str_len=512, max_array_len=16, max_map_len=32)
+# Coordinator replies list contributors (one name per trainer): looser, and they come from the server.
+REPLY_LIMITS = HeaderLimits(max_bytes=1 << 20, max_str_len=4096, max_array_len=1 << 16, max_map_len=64)
 
 
 class ProtocolError(ValueError):
@@ -57,12 +84,14 @@ def pack(op: str, **fields) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "op": op, **fields})
 
 
-def unpack_header(raw: bytes) -> dict:
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError("oversized", f"header of {len(raw)} bytes (limit {MAX_HEADER_BYTES})")
+def unpack_header(raw, limits: HeaderLimits = REQUEST_LIMITS) -> dict:
+    """The header map of a message, validated; `raw` may be a buffer (its length is checked first)."""
+    if len(raw) > limits.max_bytes:
+        raise ProtocolError("oversized", f"header of {len(raw)} bytes (limit {limits.max_bytes})")
     try:
         h = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0,
-                            max_str_len=4096, max_array_len=4096, max_map_len=64)
+                            max_str_len=limits.max_str_len, max_array_len=limits.max_array_len,
+                            max_map_len=limits.max_map_len)
     except Exception as e:  # msgpack raises several unrelated exception types
         raise ProtocolError("malformed", f"header is not msgpack ({type(e).__name__})") from None
     if not isinstance(h, dict):

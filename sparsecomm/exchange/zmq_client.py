@@ -9,21 +9,35 @@ and rollout/inference workers (RolloutClient). One DEALER socket each; protocol 
 
 Every aggregate is verified before it is applied: its version must follow the client's, and
 sha256(client hash || payload) must equal the coordinator's hash (the chain in protocol.py).
+
+No delta is lost or applied twice when things fail. A push that times out is re-sent on the
+same link (the coordinator answers a re-send idempotently: `ack`, or the aggregate that already
+counted it). If the coordinator no longer knows us (it restarted; its journal brought it back
+at the last version anyone saw), the client rejoins and replays what it missed; each replayed
+aggregate names its contributors, so the client knows whether its own pending delta is already
+in one (then that push is done) or must be pushed again (then it is, into the current round).
+
+Client-side state: `version`, `hash` and `round` are re-derived from the coordinator at every
+join, so a trainer restored from a checkpoint needs nothing from this module's state to
+continue exactly; `CoordinatorTransport.state_dict()` carries the step counter it stamps on
+pushes (informational) so a resumed run's headers match an uninterrupted one's.
 """
 from __future__ import annotations
 
-import math
+import logging
 import time
 
-import numpy as np
 import torch
 import zmq
 
 from ..codec import decode
 from ..delta import SparseDelta
-from .protocol import chain, genesis_hash, model_fingerprint, pack, unpack_header
+from . import chunks
+from .protocol import REPLY_LIMITS, chain, genesis_hash, model_fingerprint, pack, unpack_header
 
-INIT_CHUNK_BYTES = 8 << 20
+log = logging.getLogger("sparsecomm.coordinator_client")
+# errors after which rejoining (and replaying or re-pushing) can succeed
+_REJOIN_REASONS = ("unknown_worker", "bad_field", "stale", "hash_chain")
 
 
 class CoordinatorError(RuntimeError):
@@ -83,8 +97,8 @@ class _Connection:
             if self.sock.poll(int(min(left, self.heartbeat_s) * 1000)):
                 frames = self.sock.recv_multipart(copy=False)
                 self.recv_bytes += sum(len(f.buffer) for f in frames)
-                h = unpack_header(bytes(frames[0].buffer))
-                if h["op"] in ("error", "welcome") and h.get("req") != self.req:
+                h = unpack_header(frames[0].buffer, REPLY_LIMITS)
+                if h["op"] in ("error", "welcome", "ack") and h.get("req") != self.req:
                     continue  # a reply to an earlier request or to a heartbeat (e.g. across a coordinator restart)
                 if h["op"] == "error":
                     raise CoordinatorError(h.get("reason", "?"), h.get("detail", ""))
@@ -105,16 +119,20 @@ def receive_weights(conn: "_Connection", numel: int) -> tuple[torch.Tensor, dict
     """Assemble a chunked fp32 `snapshot` into a tensor; other messages arriving meanwhile are skipped
     (they predate the snapshot). Returns the weights and the last chunk's header (version, hash)."""
     out = torch.empty(numel, dtype=torch.float32)
-    raw = out.numpy().view(np.uint8)
-    got, h = 0, None
-    while h is None or got < h["total"]:
-        hh, frames = conn.recv()
-        if hh["op"] != "snapshot":
+    version, assembler = None, None
+    while True:
+        h, frames = conn.recv()
+        if h["op"] != "snapshot":
             continue
-        h = hh
-        raw[h["offset"]:h["offset"] + len(frames[0])] = np.frombuffer(frames[0], dtype=np.uint8)
-        got += 1
-    return out, h
+        if h["version"] != version:  # chunks of an earlier, interrupted snapshot: start over
+            version, assembler = h["version"], chunks.Assembler(chunks.raw_bytes(out))
+        if assembler.add(h["index"], h["total"], h["offset"], frames[0]):
+            return out, h
+
+
+def _counts(h: dict, worker: str, rnd: int) -> bool:
+    """Does this aggregate header count `worker`'s delta pushed for round `rnd` (on time or folded late)?"""
+    return (h.get("round") == rnd and worker in h.get("contributors", ())) or [worker, rnd] in h.get("late", ())
 
 
 class CoordinatorClient:
@@ -132,9 +150,16 @@ class CoordinatorClient:
     def join(self, fingerprint: str, flat: torch.Tensor, apply, load) -> str:
         """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'."""
         self._rejoin_args = (fingerprint, apply, load)
+        how, _ = self._join(flat)
+        return how
+
+    def _join(self, flat: torch.Tensor, pending_round: int | None = None) -> tuple[str, memoryview | None]:
+        """Join; with `pending_round`, a push for that round is outstanding: if a replayed aggregate
+        already counts it, that replay is not applied here but returned, as the push's result."""
+        fingerprint, apply, load = self._rejoin_args
         self.numel = flat.numel()
         flat = flat.detach().to("cpu", torch.float32).contiguous()
-        raw = flat.numpy().view(np.uint8)
+        raw = chunks.raw_bytes(flat)
         if not self.hash:
             self.hash = genesis_hash(fingerprint, raw)
         deadline = time.monotonic() + self.conn.timeout_s
@@ -148,22 +173,37 @@ class CoordinatorClient:
                 if e.reason != "not_ready" or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+        result = None
         if h["need_init"]:
-            total = max(1, math.ceil(raw.size / INIT_CHUNK_BYTES))
-            for i in range(total):
-                self.conn.send("init", memoryview(raw[i * INIT_CHUNK_BYTES:(i + 1) * INIT_CHUNK_BYTES]), index=i, total=total,
-                               offset=i * INIT_CHUNK_BYTES)
+            for where, chunk in chunks.split(raw):
+                self.conn.send("init", chunk, **where)
             h, _ = self._expect("welcome")
             how = "seeded"
         elif h["need_sync"]:
             self.conn.send("sync", from_version=self.version)
-            while True:
-                hh, frames = self.conn.recv()
-                if hh["op"] == "synced":
-                    break
-                apply(decode(self._verify(hh, frames)))
+            replayed, counted, before = [], False, (self.version, self.hash, self.round)
+            try:
+                while True:
+                    hh, frames = self.conn.recv()
+                    if hh["op"] == "synced":
+                        break
+                    if hh["op"] != "aggregate" or hh["version"] <= self.version:
+                        continue  # stale: a broadcast or re-send from before we fell behind
+                    replayed.append(self._verify(hh, frames))
+                    counted = counted or (pending_round is not None and _counts(hh, self.conn.worker, pending_round))
+            except BaseException:  # nothing applied yet: stay at the version our weights are at
+                self.version, self.hash, self.round = before
+                raise
+            if counted:  # our outstanding delta is in there: the last replay becomes the push's result
+                replayed, result = replayed[:-1], replayed[-1]
+            for p in replayed:
+                apply(decode(p))
+            h = hh
             how = "replayed"
         elif h["need_snapshot"]:
+            if pending_round is not None:
+                log.warning("rejoined by snapshot (coordinator at v%d, we were at v%d): cannot tell whether the "
+                            "outstanding delta was applied; pushing it again", h["version"], self.version)
             self.conn.send("snapshot")
             weights, h = receive_weights(self.conn, self.numel)
             load(weights)
@@ -171,7 +211,7 @@ class CoordinatorClient:
         else:
             how = "in_sync"
         self.version, self.hash, self.round = h["version"], h["hash"], h.get("round", self.round)
-        return how
+        return how, result
 
     def _expect(self, op: str) -> tuple[dict, list]:
         h, frames = self.conn.recv()
@@ -189,25 +229,41 @@ class CoordinatorClient:
         self.version, self.hash, self.round = h["version"], h["hash"], h["round"] + 1
         return frames[0]
 
-    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 3) -> memoryview:
+    def _await_aggregate(self) -> memoryview:
+        """The next aggregate that follows our version; `ack`s and stale duplicates are skipped."""
+        while True:
+            h, frames = self.conn.recv()
+            if h["op"] == "aggregate" and h["version"] > self.version:
+                return self._verify(h, frames)
+            # "ack": our re-sent push is counted, its aggregate follows; older aggregates: duplicates
+
+    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 4) -> memoryview:
         """Send this worker's delta for the current round; return the round's verified aggregate payload.
 
-        If the coordinator went away (timeout) or no longer knows us (it restarted from a checkpoint),
-        rejoin - replay or snapshot as needed - and push the same delta again: error feedback already
-        counts it as sent, so it must not be dropped. `get_flat()` supplies the current weights for
-        the rejoin.
+        Error feedback already counts the delta as sent, so it must be applied exactly once:
+        after a timeout the same push is re-sent (idempotent on the coordinator); if the
+        coordinator no longer knows us, we rejoin (`get_flat()` supplies the current weights),
+        and either find the delta in a replayed aggregate or push it into the current round.
         """
+        rnd, base = self.round, self.version
+        resend_first, rejoin = True, False
         for attempt in range(attempts):
-            self.conn.send("push", payload, round=self.round, step=step, base_version=self.version)
             try:
-                h, frames = self.conn.recv()
-                return self._verify(h, frames)
+                if rejoin:
+                    _, result = self._join(get_flat(), pending_round=rnd)
+                    if result is not None:
+                        return result  # the delta was already in an aggregate we had missed
+                    rnd, base, rejoin = self.round, self.version, False  # not counted: push it into this round
+                self.conn.send("push", payload, round=rnd, step=step, base_version=base)
+                return self._await_aggregate()
             except (TimeoutError, CoordinatorError) as e:
-                recoverable = isinstance(e, TimeoutError) or e.reason in ("unknown_worker", "bad_field", "stale")
-                if not recoverable or get_flat is None or attempt == attempts - 1:
+                timeout = isinstance(e, TimeoutError)
+                if not (timeout or e.reason in _REJOIN_REASONS) or get_flat is None or attempt == attempts - 1:
                     raise
-                fingerprint, apply, load = self._rejoin_args
-                self.join(fingerprint, get_flat(), apply, load)
+                if timeout and resend_first and not rejoin:  # first the cheap, idempotent re-send on the same link
+                    resend_first = False
+                    continue
+                resend_first, rejoin = True, True
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -216,8 +272,8 @@ class CoordinatorClient:
 
 class CoordinatorTransport:
     """ASPG's transport through the coordinator. `all_gather_bytes` returns [the aggregate]:
-    the coordinator already averaged, and the mean of one message is itself, so ASPG's
-    `aggregate_mean` only decodes it. There is no dense collective: a dense exchange pushes
+    the coordinator already averaged, and the mean of one message is itself, so the exchange
+    (`apply_mean_`) only decodes and applies it. There is no dense collective: a dense exchange pushes
     the whole buffer as one (k = numel) delta."""
 
     world_size, rank = 1, 0
@@ -277,6 +333,13 @@ class CoordinatorTransport:
     def wire_bytes(self, sizes) -> tuple[int, int]:
         return self._sent, self._recv
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs: the push counter. Versions and hashes come from the coordinator at join."""
+        return {"step": self._step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._step = int(state["step"])
+
     def max_over_ranks(self, value: float) -> float:
         return value
 
@@ -298,7 +361,7 @@ class RolloutClient:
         self.fingerprint, self.numel = fingerprint, numel
         self.weights = torch.zeros(numel, dtype=torch.bfloat16)
         self.version, self.hash, self.updates = -1, "", 0
-        self._anchor: dict | None = None
+        self._anchor: tuple | None = None  # (version, buffer, chunks.Assembler) of an anchor in flight
 
     def connect(self) -> None:
         self.conn.send("join", role="rollout", fingerprint=self.fingerprint, numel=self.numel, version=0, hash="")
@@ -339,17 +402,12 @@ class RolloutClient:
                 self._on_anchor(h, frames[0])
 
     def _on_anchor(self, h: dict, chunk) -> None:
-        if self._anchor is None or self._anchor["version"] != h["version"]:
-            self._anchor = {"version": h["version"], "buf": bytearray(self.numel * (2 if h["dtype"] == "bfloat16" else 4)),
-                            "got": 0}
-        a = self._anchor
-        a["buf"][h["offset"]:h["offset"] + len(chunk)] = chunk
-        a["got"] += 1
-        if a["got"] == h["total"]:
-            if h["dtype"] == "bfloat16":
-                self.weights = torch.frombuffer(a["buf"], dtype=torch.int16).clone().view(torch.bfloat16)
-            else:
-                self.weights = torch.frombuffer(a["buf"], dtype=torch.float32).clone().to(torch.bfloat16)
+        if self._anchor is None or self._anchor[0] != h["version"]:
+            buf = torch.empty(self.numel, dtype=torch.bfloat16 if h["dtype"] == "bfloat16" else torch.float32)
+            self._anchor = (h["version"], buf, chunks.Assembler(chunks.raw_bytes(buf)))
+        _, buf, assembler = self._anchor
+        if assembler.add(h["index"], h["total"], h["offset"], chunk):
+            self.weights = buf.to(torch.bfloat16)
             self._anchor = None
 
     def close(self) -> None:

@@ -14,9 +14,9 @@ What the callback does:
   - every optimizer step: update sparsity (fp32 / bf16 view by layer kind, K-step), bytes and
     phase timings into one StepStats, written to RUN_DIR/stats_rank{R}.jsonl, optionally to a
     Prometheus endpoint, and merged into the Trainer's logs (so they reach W&B / TensorBoard);
-  - under DDP (torchrun), in on_train_begin - after the Trainer wrapped the model, the hook
-    point ../shared/ENVIRONMENT.md names - it registers a communication hook on
-    `trainer.model_wrapped`:
+  - under DDP (torchrun), in on_train_begin - the first callback after `Trainer.train()` wrapped
+    the model in DistributedDataParallel (before it, `trainer.model_wrapped` is the bare model) -
+    it registers a communication hook on `trainer.model_wrapped`:
         comm="hook"   sparsecomm's sparse top-k DDP hook (gradients, error feedback), any optimizer
         comm="aspg"   a hook that communicates nothing, so each rank keeps its own gradient and
                       the ASPG optimizer (make_aspg with a TorchDistTransport) exchanges the
@@ -24,8 +24,9 @@ What the callback does:
         comm="ddp"    DDP's own all-reduce (trackers only)
 
 The Trainer recreates nothing once training started, so the hook stays registered. Under
-DeepSpeed the Trainer swaps a custom optimizer for its own unless `create_optimizer` is
-overridden (ENVIRONMENT.md); use the DDP path for ASPG.
+DeepSpeed the Trainer swaps a custom optimizer for its own unless `Trainer.create_optimizer` is
+overridden (transformers' DeepSpeed integration builds the optimizer from its config); use the
+DDP path for ASPG.
 """
 from __future__ import annotations
 

@@ -26,17 +26,27 @@ Error feedback wraps the Adam update, the quantity actually compressed, not the 
 (1-bit Adam's lesson); this is MicroAdam's (arXiv 2405.15593) and DGC's (arXiv 1712.01887)
 structure with Adam instead of momentum SGD. With density 1.0 and one worker it is AdamW.
 
-Per step, the path is chosen identically on every rank: a dense all-reduce of the whole buffer
-when the predicted all-gather volume (P-1) x k x bytes/entry exceeds `fallback_margin` x the
-ring all-reduce volume 2 (P-1)/P x N x 4 bytes (SparCML's rule: sparse wins only while
-density x P stays small), during `warmup_steps` dense warm-up steps, or when density reaches 1.
-With `switch="measured"` it also times both paths and takes the faster (see PathChooser): on
-fast links selection and coding can cost more than the bytes they save. The dense path sends
-everything, so it leaves nothing in the buffer.
+The exchange is `exchange.pipeline.SparseExchange`, the same component the DDP hook uses. Per
+step it picks, identically on every rank, a dense all-reduce of the whole buffer, an all-gather
+of every worker's delta, or the split sparse all-reduce (reduce-scatter to shard owners, owner
+top-k with owner-side error feedback, all-gather of the owners' pieces: ~2k entries per worker
+whatever P is), by predicted bytes (`switch="volume"`) or also by measured time
+(`switch="measured"`; see exchange/paths.py). Warm-up steps and density 1 are dense. The
+residual is reduced only after the exchange that carries its delta succeeded.
+
+Replicas: weight decay multiplies every trainable parameter on every replica each step, whether
+or not it had a gradient on this rank (a branch or head unused on one rank must still decay the
+same way everywhere), and nothing at all when weight_decay is 0. bf16/fp16 parameters keep an
+fp32 master copy (`master_weights`, default on for them): the mean is added to the master and
+the parameter rewritten from it, so entries below half a bf16 ulp accumulate instead of being
+rounded away after their sender already removed them from its residual.
 
 State: Adam moments, the residual and the importance EMA are worker-local by design (each
-describes that worker's own gradient stream, as in DGC and 1-bit Adam); weights, step counters
-and every exchange decision are replicated and stay bit-identical across ranks.
+describes that worker's own gradient stream, as in DGC and 1-bit Adam); weights, master copies,
+step counters and every exchange decision are replicated and stay bit-identical across ranks.
+`state_dict` keeps the residual, importance and masters in fp32 (outside the per-parameter
+state, which torch's `load_state_dict` would cast to the parameter dtype), and the exchange's
+selector generators, thresholds, path timings and split owner residuals: resume is exact.
 
     opt = ASPG(model.parameters(), lr=1e-4, density=0.01, transport=TorchDistTransport())
     loss.backward(); opt.step(); opt.zero_grad()
@@ -51,11 +61,13 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
-from ..codec import VALUE_CODECS, encode, roundtrip_values
-from ..compress import ErrorFeedback, RandomK, k_for, make_selector, split_flat
+from ..codec import VALUE_CODECS
+from ..compress import ErrorFeedback, k_for
 from ..delta import SparseDelta
-from ..exchange.base import SWITCH_POLICIES, LocalTransport, PathChooser, Transport, apply_mean_
-from ..track.comm import CommTracker, ring_allreduce_bytes
+from ..exchange.paths import PATHS, SWITCH_POLICIES
+from ..exchange.pipeline import FlatLayout, SparseExchange
+from ..exchange.transport import LocalTransport, Transport
+from ..track.comm import CommTracker
 
 IMPORTANCE = ("magnitude", "ema_grad", "impact", "random")
 BUDGETS = ("global", "per_tensor")
@@ -66,9 +78,10 @@ class ASPG(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, density: float = 0.01, warmup_steps: int = 0,
                  adaptive_epsilon: float | None = None, min_density: float = 1e-4, max_density: float = 0.25,
                  budget: str = "global", local_steps: int = 1, importance: str = "impact", ema_beta: float = 0.9,
-                 selector: str = "sampled", index_codec: str = "auto", value_codec: str = "bf16",
+                 selector: str = "reuse", index_codec: str = "auto", value_codec: str = "bf16",
                  dense_fallback: bool = True, fallback_margin: float = 1.0, switch: str = "volume",
-                 probe_every: int = 50, transport: Transport | None = None,
+                 probe_every: int = 50, paths: tuple[str, ...] = PATHS, exact: bool = False, rebalance_every: int = 10,
+                 master_weights: bool | None = None, transport: Transport | None = None,
                  dense_baseline_every: int = 0, seed: int = 0):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"bad Adam hyperparameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
@@ -86,21 +99,24 @@ class ASPG(Optimizer):
             raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
         if switch not in SWITCH_POLICIES:
             raise ValueError(f"switch must be one of {SWITCH_POLICIES}, got {switch!r}")
+        paths = tuple(p for p in paths if dense_fallback or p != "dense")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options = dict(density=density, warmup_steps=warmup_steps, adaptive_epsilon=adaptive_epsilon,
                             min_density=min_density, max_density=max_density, budget=budget, local_steps=local_steps,
                             importance=importance, ema_beta=ema_beta, selector=selector, index_codec=index_codec,
                             value_codec=value_codec, dense_fallback=dense_fallback, fallback_margin=fallback_margin,
-                            switch=switch, probe_every=probe_every)
-        self.chooser = PathChooser(switch, dense_fallback, fallback_margin, probe_every)
+                            switch=switch, probe_every=probe_every, paths=list(paths), exact=exact,
+                            rebalance_every=rebalance_every)
         self.transport = transport or LocalTransport()
         self.comm = CommTracker(dense_baseline_every, getattr(self.transport, "group", None))
-        self.selector = RandomK(seed) if importance == "random" else make_selector(selector, **(
-            {"seed": seed} if selector in ("sampled",) else {}))
+        self.exchange = SparseExchange(self.transport, selector="randomk" if importance == "random" else selector,
+                                       index_codec=index_codec, value_codec=value_codec, paths=paths, switch=switch,
+                                       exact=exact, margin=fallback_margin, probe_every=probe_every,
+                                       rebalance_every=rebalance_every, seed=seed, comm=self.comm)
         self._sample_gen = torch.Generator().manual_seed(seed + 1)
 
         # One flat fp32 buffer holds every parameter's residual (and importance score), so a
-        # global budget selects once over the whole model; per-parameter state holds views.
+        # global budget selects once over the whole model.
         self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if len({p.device for p in self._params}) > 1:
             raise ValueError("ASPG keeps one flat buffer: all parameters must be on one device")
@@ -111,40 +127,36 @@ class ASPG(Optimizer):
                 raise ValueError("param groups with their own 'density' need budget='per_tensor'")
             if not all(d is None or 0 < d <= 1 for d in self._group_density):
                 raise ValueError(f"param-group densities must be in (0, 1], got {sorted(set(self._group_density) - {None})}")
-        self._offsets, off = [], 0
-        for p in self._params:
-            self._offsets.append(off)
-            off += p.numel()
-        self.numel = off
+        low = (torch.bfloat16, torch.float16)
+        use_master = [(p.dtype in low) if master_weights is None else (master_weights and p.dtype != torch.float32)
+                      for p in self._params]
+        self._masters = [p.detach().float().clone() if m else None for p, m in zip(self._params, use_master)]
+        self.layout = FlatLayout(self._params, self._masters)
+        self.numel = self.layout.numel
         device = self._params[0].device if self._params else torch.device("cpu")
         self.ef = ErrorFeedback()
         self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self._score = torch.zeros(self.numel, device=device) if importance in ("ema_grad", "impact") else None
-        self._bind_views()
+        self._rank_buf: torch.Tensor | None = None  # |residual x score|, reused every exchange
+        self._residual_views = self.layout.views(self.ef.residuals["flat"])
+        self._score_views = self.layout.views(self._score) if self._score is not None else None
         if hasattr(self.transport, "bind"):  # e.g. the coordinator transport: join, seed or sync weights
             self.transport.bind(self._params)
+            for p, m in zip(self._params, self._masters):  # joined weights may have been replaced
+                if m is not None:
+                    m.copy_(p.detach())
         self.steps = 0  # replicated: optimizer steps taken
         self.version = 0  # replicated: exchanges applied (the weights version)
         self.last_metrics: dict = {}
 
-    # ------------------------------------------------------------------ state and layout
-    def _bind_views(self) -> None:
-        flat = self.ef.residuals["flat"]
-        for p, off in zip(self._params, self._offsets):
-            st = self.state[p]
-            st["residual"] = flat[off:off + p.numel()].view_as(p)
-            if self._score is not None:
-                st["importance"] = self._score[off:off + p.numel()].view_as(p)
-
-    def _layout(self) -> dict[int, tuple[int, tuple[int, ...]]]:
-        return {i: (off, tuple(p.shape)) for i, (p, off) in enumerate(zip(self._params, self._offsets))}
-
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["aspg"] = {"steps": self.steps, "version": self.version, "options": dict(self.options),
-                      "chooser": self.chooser.state_dict(),
-                      "sample_gen": self._sample_gen.get_state(),
-                      "selector_gen": getattr(self.selector, "generator", None) and self.selector.generator.get_state()}
+                      "residual": self.ef.residuals["flat"].clone(),
+                      "score": None if self._score is None else self._score.clone(),
+                      "masters": [None if m is None else m.clone() for m in self._masters],
+                      "exchange": self.exchange.state_dict(), "sample_gen": self._sample_gen.get_state()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -153,19 +165,21 @@ class ASPG(Optimizer):
         if extra["options"] != self.options:
             raise ValueError(f"checkpoint was made with ASPG options {extra['options']}, this optimizer has {self.options}")
         super().load_state_dict(state_dict)
-        flat = self.ef.residuals["flat"]
-        for p, off in zip(self._params, self._offsets):  # loaded tensors are copies: move them into the flat buffers
-            st = self.state[p]
-            if "residual" in st:
-                flat[off:off + p.numel()].copy_(st["residual"].reshape(-1))
-            if self._score is not None and "importance" in st:
-                self._score[off:off + p.numel()].copy_(st["importance"].reshape(-1))
-        self._bind_views()
+        # fp32 buffers travel outside the per-parameter state: torch would cast them to bf16 there
+        self.ef.residuals["flat"].copy_(extra["residual"])
+        if self._score is not None:
+            self._score.copy_(extra["score"])
+        for m, saved in zip(self._masters, extra["masters"]):
+            if m is not None:
+                m.copy_(saved)
+        self.exchange.load_state_dict(extra["exchange"])
         self.steps, self.version = extra["steps"], extra["version"]
-        self.chooser.load_state_dict(extra["chooser"])
         self._sample_gen.set_state(extra["sample_gen"])
-        if extra["selector_gen"] is not None:
-            self.selector.generator.set_state(extra["selector_gen"])
+
+    @property
+    def chooser(self):
+        """The path chooser of the flat buffer (timings and decisions), for inspection."""
+        return self.exchange._key("flat", self.numel)["chooser"]
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -187,34 +201,54 @@ class ASPG(Optimizer):
         return loss
 
     def _local_update(self) -> None:
-        """Adam moments and update into the residual; decoupled weight decay on the weights."""
-        beta_ema = self.options["ema_beta"]
+        """Adam moments and update into the residual (foreach kernels); decoupled weight decay on the weights."""
+        beta_ema, importance = self.options["ema_beta"], self.options["importance"]
+        index = {id(p): i for i, p in enumerate(self._params)}
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None or not p.requires_grad:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ASPG does not support sparse gradients")
+            trainable = [p for p in group["params"] if p.requires_grad]
+            if wd:  # every trainable parameter, gradient or not: replicated state only
+                plain = [p for p in trainable if self._masters[index[id(p)]] is None]
+                if plain:
+                    torch._foreach_mul_(plain, 1 - lr * wd)
+                for p in trainable:
+                    m = self._masters[index[id(p)]]
+                    if m is not None:
+                        m.mul_(1 - lr * wd)
+                        p.copy_(m)
+            ps = [p for p in trainable if p.grad is not None]
+            if not ps:
+                continue
+            if any(p.grad.is_sparse for p in ps):
+                raise RuntimeError("ASPG does not support sparse gradients")
+            for p in ps:
                 st = self.state[p]
                 if "step" not in st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                g = p.grad
                 st["step"] += 1
-                step = float(st["step"])
-                p.mul_(1 - lr * wd)
-                st["exp_avg"].lerp_(g, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                step_size = lr / (1 - b1 ** step)
-                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
-                st["residual"].addcdiv_(st["exp_avg"], denom, value=-step_size)
-                if self.options["importance"] == "ema_grad":
-                    st["importance"].mul_(beta_ema).add_(g.abs(), alpha=1 - beta_ema)
-                elif self.options["importance"] == "impact":  # signed EMA: noise averages out
-                    st["importance"].lerp_(g.to(st["importance"].dtype), 1 - beta_ema)  # fp32 EMA of bf16 grads too
+            grads = [p.grad for p in ps]
+            m1 = [self.state[p]["exp_avg"] for p in ps]
+            m2 = [self.state[p]["exp_avg_sq"] for p in ps]
+            steps = [float(self.state[p]["step"]) for p in ps]
+            torch._foreach_lerp_(m1, grads, 1 - b1)
+            torch._foreach_mul_(m2, b2)
+            torch._foreach_addcmul_(m2, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(m2)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s) for s in steps])
+            torch._foreach_add_(denom, eps)
+            res = [self._residual_views[index[id(p)]] for p in ps]
+            torch._foreach_addcdiv_(res, m1, denom, [-lr / (1 - b1 ** s) for s in steps])
+            if self._score_views is not None:
+                score = [self._score_views[index[id(p)]] for p in ps]
+                g32 = [g if g.dtype == torch.float32 else g.float() for g in grads]  # fp32 EMA of bf16 grads too
+                if importance == "ema_grad":
+                    torch._foreach_mul_(score, beta_ema)
+                    torch._foreach_add_(score, torch._foreach_abs(g32), alpha=1 - beta_ema)
+                else:  # impact: signed EMA, so noise averages out
+                    torch._foreach_lerp_(score, g32, 1 - beta_ema)
 
     def current_density(self) -> float:
         """This exchange's density: 1 in warm-up; adaptive if configured (agreed across ranks)."""
@@ -236,10 +270,6 @@ class ASPG(Optimizer):
         self.transport.all_reduce_mean_(agreed)  # collective peers must choose the same k and path
         return float(agreed)
 
-    def choose_path(self, density: float) -> str:
-        return self.chooser.choose(self.numel, density, self.transport.world_size,
-                                   VALUE_CODECS[self.options["value_codec"]].bytes_per_value)
-
     def _tensor_densities(self, density: float) -> list[float]:
         """Each tensor's density this exchange: its group's, if set (warm-up excepted), else `density`."""
         if self.steps <= self.options["warmup_steps"]:
@@ -247,68 +277,36 @@ class ASPG(Optimizer):
         return [density if gd is None else gd for gd in self._group_density]
 
     def _exchange(self) -> None:
-        c, o = self.comm, self.options
         density = self.current_density()
         per_tensor = self._tensor_densities(density)
-        if o["budget"] == "per_tensor":  # what the per-tensor budgets add up to, for the path decision
-            density = sum(k_for(p.numel(), d) for p, d in zip(self._params, per_tensor)) / max(self.numel, 1)
-        path = self.choose_path(density)
+        if self.options["budget"] == "per_tensor":
+            k = sum(k_for(p.numel(), d) for p, d in zip(self._params, per_tensor))
+        else:
+            k = k_for(self.numel, density)
         flat = self.ef.residuals["flat"]
-        P = self.transport.world_size
-        with c.phase("exchange"):
-            if path == "dense":
-                with c.phase("transfer"):
-                    self.transport.all_reduce_mean_(flat)
-                with c.phase("apply"):
-                    for p, off in zip(self._params, self._offsets):
-                        p.add_(flat[off:off + p.numel()].view_as(p).to(p.dtype))
-                    flat.zero_()
-                c.add_sent(ring_allreduce_bytes(self.numel, 4, P))
-                c.add_received(ring_allreduce_bytes(self.numel, 4, P))
-                c.note(path="dense", k=self.numel, density=1.0)
-            else:
-                with c.phase("select"):
-                    d = self._select(density, per_tensor)
-                    d = roundtrip_values(d, o["value_codec"])
-                    self.ef.update("flat", d)
-                d.step, d.base_version = self.steps, self.version
-                with c.phase("encode"):
-                    payload = encode(d, o["index_codec"], o["value_codec"])
-                with c.phase("transfer"):
-                    payloads = self.transport.all_gather_bytes(payload)
-                # decode each worker's delta and add 1/P of it, rank by rank (no union needed)
-                applied_k = apply_mean_(payloads, self.numel, self._add_flat_delta, c.timing_s)
-                sent, recv = self.transport.wire_bytes([len(b) for b in payloads])
-                c.add_sent(sent)
-                c.add_received(recv)
-                c.note(path="sparse", k=d.k, density=d.k / max(self.numel, 1), payload_bytes=len(payload),
-                       applied_entries=applied_k)
-        if self.options["switch"] == "measured":
-            self.chooser.observe(path, self.transport.max_over_ranks(c.timing_s["exchange"]))
+        self.exchange.exchange("flat", flat, k, self.layout, select=lambda sel: self._select(sel, k, per_tensor))
         self.version += 1
 
-    def _select(self, density: float, per_tensor: list[float]) -> SparseDelta:
+    def _select(self, selector, k: int, per_tensor: list[float]) -> SparseDelta:
         flat = self.ef.residuals["flat"]
         if self.options["budget"] == "global":
-            return self.selector.select(flat, k_for(self.numel, density), self._ranking(flat, self._score))
+            return selector.select(flat, k, self._ranking(flat, self._score))
         parts_i, parts_v = [], []
-        for p, off, pd in zip(self._params, self._offsets, per_tensor):
+        for p, off, pd in zip(self._params, self.layout.offsets, per_tensor):
             view = flat[off:off + p.numel()]
-            score = self._ranking(view, None if self._score is None else self._score[off:off + p.numel()])
-            d = self.selector.select(view, k_for(p.numel(), pd), score)
+            score = self._ranking(view, None if self._score is None else self._score[off:off + p.numel()], own_buffer=True)
+            d = selector.select(view, k_for(p.numel(), pd), score)
             parts_i.append(d.indices + off)
             parts_v.append(d.values)
         return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), torch.float32)
 
-    def _ranking(self, residual: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor | None:
+    def _ranking(self, residual: torch.Tensor, score: torch.Tensor | None, own_buffer: bool = False) -> torch.Tensor | None:
         """What top-k ranks by: |residual| (None), the EMA of |grad|, or the first-order loss change
         |residual * EMA(grad)| that sending the residual would bring ("impact")."""
-        if self.options["importance"] == "impact":
+        if self.options["importance"] != "impact":
+            return score
+        if own_buffer:
             return (residual * score).abs_()
-        return score
-
-    def _add_flat_delta(self, d: SparseDelta, alpha: float) -> None:
-        """weights += alpha * d, for a delta over the flat parameter space."""
-        for p, part in zip(self._params, split_flat(d, self._layout()).values()):
-            if part.k:
-                part.add_to(p.data, alpha)
+        if self._rank_buf is None or self._rank_buf.shape != residual.shape:
+            self._rank_buf = torch.empty_like(residual)
+        return torch.mul(residual, score, out=self._rank_buf).abs_()

@@ -75,6 +75,12 @@ def _token_logprobs(model, seq, mask, start):
     return torch.log_softmax(logits.float(), -1).gather(-1, seq[:, start:].unsqueeze(-1)).squeeze(-1)
 
 
+def _not_generated(tok) -> list[int] | None:
+    """<pad> is never a completion token; unless it doubles as <eos> (GPT-2), which must stay."""
+    pad = tok.pad_token_id
+    return [pad] if pad is not None and pad != tok.eos_token_id else None
+
+
 def grpo_loss(policy, ref, tok, task, examples, reward_fn, cfg: GRPOConfig, generator: torch.Generator | None = None):
     """Sample, score, and return (loss, metrics) for one GRPO step on `examples` (prompts)."""
     dev = next(policy.parameters()).device
@@ -85,11 +91,16 @@ def grpo_loss(policy, ref, tok, task, examples, reward_fn, cfg: GRPOConfig, gene
     was_training = sampler.training
     sampler.eval()
     with torch.no_grad():
+        # <pad> never enters a sequence: it is not a completion token (suppressed), and generate() fills a
+        # finished sequence's remaining steps with <eos> (everything after the first <eos> is masked
+        # below, whatever its id). transformers drops an all-ones prompt mask, so a <pad> id in the
+        # input made the model warn that padding went unmasked.
         if generator is not None:  # generate() draws from the global RNG: seed it from ours
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
         seq = sampler.generate(input_ids=ids, attention_mask=pmask, do_sample=True, top_k=0, top_p=1.0,
                               temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                              num_return_sequences=G, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                              num_return_sequences=G, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                              suppress_tokens=_not_generated(tok))
     sampler.train(was_training)
     comp = seq[:, start:]
     is_eos = comp == tok.eos_token_id
@@ -130,8 +141,10 @@ def evaluate(policy, tok, task, examples, max_new_tokens: int) -> float:
     enc = tok([e.prompt for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
     was = policy.training
     policy.eval()
+    # no <pad> in completions; finished sequences are filled with <eos> (see grpo_loss), cut at the first
     seq = policy.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev), do_sample=False,
-                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                          max_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                          suppress_tokens=_not_generated(tok))
     policy.train(was)
     comp = seq[:, enc["input_ids"].shape[1]:]
     texts = [tok.decode(row.tolist()).split(tok.eos_token)[0].replace(" ", "").replace(tok.pad_token, "") for row in comp]

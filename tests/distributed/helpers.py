@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sparsecomm.dist_utils import shutdown_process_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,11 +24,15 @@ def _entry(rank, fn, world_size, port, out_dir, args):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
+    ok = False
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        # barrier first: a rank that returns from its last collective early must not tear gloo down
+        # under a peer still finishing it (SIGABRT at teardown); no barrier after a failure here
+        shutdown_process_group(barrier=ok)
 
 
 def run_workers(fn, world_size: int, out_dir: Path, *args) -> list:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from sparsecomm import SparseDelta
 from sparsecomm.codec import encode
-from sparsecomm.exchange import TorchDistTransport, aggregate_mean
+from sparsecomm.exchange import TorchDistTransport, decode_all, mean_of_deltas
 from sparsecomm.optim import ASPG
 from tests.distributed.helpers import run_workers
 
@@ -36,9 +36,10 @@ def train_steps(model, opt, rank, steps, start=0):
     return paths
 
 
-def _replicas(rank, ws, density, steps, value_codec="bf16"):
+def _replicas(rank, ws, density, steps, value_codec="bf16", paths=("dense", "allgather", "split")):
     model = make_model()
-    opt = ASPG(model.parameters(), lr=1e-3, density=density, value_codec=value_codec, transport=TorchDistTransport())
+    opt = ASPG(model.parameters(), lr=1e-3, density=density, value_codec=value_codec, paths=paths,
+               transport=TorchDistTransport())
     paths = train_steps(model, opt, rank, steps)
     return {"params": [p.detach().clone() for p in model.parameters()], "paths": paths,
             "replicated": (opt.steps, opt.version),
@@ -53,7 +54,7 @@ def test_replicas_stay_bit_identical(tmp_path, world_size):
         for a, b in zip(res[0]["params"], r["params"]):
             assert torch.equal(a, b)
         assert r["replicated"] == res[0]["replicated"] == (6, 6)
-        assert r["paths"] == ["sparse"] * 6
+        assert r["paths"] == ["allgather" if world_size == 2 else "split"] * 6
         assert not torch.equal(r["residual"], res[0]["residual"])  # worker-local by design
     m = res[0]["metrics"]
     assert m["comm/sent_bytes"] > 0 and m["comm/dense_equiv_bytes"] > m["comm/sent_bytes"]
@@ -61,8 +62,8 @@ def test_replicas_stay_bit_identical(tmp_path, world_size):
 
 
 def test_automatic_switch_to_dense(tmp_path):
-    # fp32 values, P=4: sparse moves 3 x 0.6 x ~4.2 B/param > the ring's 2 x 3/4 x 4 B = 6 B/param
-    res = run_workers(_replicas, 4, tmp_path, 0.6, 2, "fp32")
+    # fp32 values, P=4: the all-gather moves 3 x 0.6 x ~4.2 B/param > the ring's 2 x 3/4 x 4 B = 6 B/param
+    res = run_workers(_replicas, 4, tmp_path, 0.6, 2, "fp32", ("dense", "allgather"))
     assert all(r["paths"] == ["dense", "dense"] for r in res)
     for a, b in zip(res[0]["params"], res[3]["params"]):
         assert torch.equal(a, b)
@@ -74,7 +75,7 @@ def _sparse_vs_allreduce(rank, ws):
     x = torch.randn(5000, generator=g)
     full = SparseDelta(torch.arange(5000), x.clone(), (5000,))
     tr = TorchDistTransport()
-    agg = aggregate_mean(tr.all_gather_bytes(encode(full, "auto", "fp32")), 5000)
+    agg = mean_of_deltas(decode_all(tr.all_gather_bytes(encode(full, "auto", "fp32")), 5000), 5000, 5000 * ws)
     ref = x.clone()
     dist.all_reduce(ref)
     ref /= ws

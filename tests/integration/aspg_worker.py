@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from sparsecomm.dist_utils import shutdown_process_group
 from sparsecomm.exchange import TorchDistTransport
 from sparsecomm.optim import ASPG
 
@@ -40,7 +41,7 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"rank": a.rank, "digest": digest, "metrics": metrics}, f)
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()  # barrier (bounded), then destroy: no teardown under a peer's last collective
 
 
 if __name__ == "__main__":

@@ -63,3 +63,37 @@ def weights_digest(coord) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(coord.state.weights.numpy()).tobytes()).hexdigest()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def coordinator_process(port: int, log_path, *args, timeout_s: float = 60):
+    """`sparsecomm coordinator` as a real process on 127.0.0.1:port (so it can be kill -9'd), its
+    output in `log_path` (a file, so a chatty coordinator never blocks on a full pipe); yields
+    the Popen once it listens; killed and reaped on exit."""
+    import os
+    import time
+
+    cmd = [sys.executable, "-m", "sparsecomm.cli", "coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--poll-ms", "10",
+           *map(str, args)]
+    start = Path(log_path).stat().st_size if Path(log_path).exists() else 0  # a restart appends to the same log
+    with open(log_path, "a") as log:
+        p = subprocess.Popen(cmd, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while "listening on" not in Path(log_path).read_text()[start:]:
+            assert p.poll() is None and time.monotonic() < deadline, Path(log_path).read_text()[-3000:]
+            time.sleep(0.05)
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(30)

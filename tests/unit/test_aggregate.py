@@ -1,10 +1,15 @@
-"""aggregate_mean: both strategies give the same bits; bad peer messages are named."""
+"""mean_of_deltas: both strategies give the same bits; decode_all names a bad peer message."""
 import pytest
 import torch
 
 from sparsecomm import SparseDelta
 from sparsecomm.codec import CodecError, encode
-from sparsecomm.exchange import aggregate_mean
+from sparsecomm.exchange import decode_all, mean_of_deltas
+
+
+def aggregate_mean(payloads, n):
+    deltas = decode_all(payloads, n)
+    return mean_of_deltas(deltas, n, sum(d.k for d in deltas))
 
 
 def msg(numel, k, seed):

@@ -1,0 +1,199 @@
+"""Split sparse all-reduce: O(k) bytes per worker whatever P is (SparCML arXiv 1802.08021, Ok-Topk arXiv 2201.07598).
+
+The flat index space [0, N) is cut into P contiguous shards, identical on every rank; rank j owns
+shard j. One exchange of a worker's selected delta d (sorted global indices, values exactly as
+receivers decode them):
+
+    phase 1  sparse reduce-scatter: cut d at the shard bounds, encode each piece (local indices),
+             all-to-all: owner j receives every worker's entries inside shard j       ~k/P each
+    owner    decode every piece (validated), add them in rank order into its fp32 shard
+             accumulator, which also holds its own error-feedback residual (sum units)
+             exact:  send every nonzero of the sum (fp32 values; the residual stays zero)
+             else:   send the top share = k/P of the sum (value codec), the rest stays in the
+                     owner's residual: nothing dropped is lost, it is sent by a later exchange
+    phase 2  all-gather of the owners' pieces; every replica applies piece j at shard j's
+             offset (the mean: exact pieces are already divided by P, re-sparsified ones are
+             applied x 1/P), in owner order: the same bits everywhere.
+
+Wire per worker ~ 2 (P-1)/P x k entries instead of the all-gather's (P-1) x k.
+
+Failure is all-or-nothing: an owner that cannot decode a piece says so in the phase-2 size
+exchange (a negative size), so every rank raises the same CodecError naming sender and owner;
+nothing is committed on any rank before both phases succeeded (the caller's residual is reduced
+by `commit`, the owner's accumulator is restored exactly from saved entries on failure).
+
+Load balance: a histogram of selected indices (64 bins per rank) is summed over ranks every
+`rebalance_every` exchanges and the bounds move to equal-count bin edges, so no owner receives
+most of the mass. Owner residuals of a shard that moves are handed back to the owner's own
+worker residual (in sum units, exactly), which sends them again under the new bounds.
+
+    split = SplitAllReduce(numel, world_size, rank)
+    pieces, alpha, commit = split.exchange(transport, e, d, k, index_codec, value_codec, comm)
+    for piece in pieces: piece.add_to(weights, alpha)
+    commit()                                              # e (the worker residual) -= d
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..codec import CodecError, encode, roundtrip_values
+from ..compress import SampledThreshold
+from ..delta import SparseDelta
+from .aggregate import decode_from
+from .torch_dist import SIZE_BYTES
+
+
+class SplitAllReduce:
+    """Shard bounds, owner accumulator (= owner residual) and load-balance histogram for one flat buffer."""
+
+    def __init__(self, numel: int, world_size: int, rank: int, *, exact: bool = False, rebalance_every: int = 10,
+                 bins_per_rank: int = 64, owner_selector=None):
+        if numel < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad split geometry: numel={numel}, world_size={world_size}, rank={rank}")
+        if rebalance_every < 0 or bins_per_rank < 1:
+            raise ValueError("rebalance_every must be >= 0 (0: never) and bins_per_rank >= 1")
+        self.numel, self.P, self.rank, self.exact = numel, world_size, rank, exact
+        self.rebalance_every, self.bins = rebalance_every, bins_per_rank * world_size
+        self.owner_selector = owner_selector or SampledThreshold(seed=rank)  # ranks |sum| inside the shard
+        self.bounds = [numel * j // world_size for j in range(world_size + 1)]
+        self.acc: torch.Tensor | None = None  # (shard,) fp32: owner residual, in sum units
+        self.hist = torch.zeros(self.bins, dtype=torch.int64)  # selected entries per bin since the last rebalance
+        self.exchanges = 0  # replicated
+        self.last: dict = {}
+
+    # ------------------------------------------------------------------ shards
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.bounds[self.rank], self.bounds[self.rank + 1]
+
+    def _accumulator(self, device) -> torch.Tensor:
+        lo, hi = self.shard
+        if self.acc is None or self.acc.numel() != hi - lo:
+            self.acc = torch.zeros(hi - lo, dtype=torch.float32, device=device)
+        return self.acc
+
+    def flush_(self, e: torch.Tensor) -> None:
+        """Hand the owner residual back to this worker's residual `e` (sum units: exact), e.g. before
+        a dense or all-gather exchange, or when the bounds move."""
+        if self.acc is not None and self.acc.numel():
+            lo, hi = self.shard
+            e[lo:hi].add_(self.acc.to(e.device))
+            self.acc.zero_()
+
+    def _rebalance(self, transport, e: torch.Tensor) -> None:
+        hist = self.hist.to(torch.float64).to(getattr(transport, "device", "cpu"))
+        transport.all_reduce_sum_(hist)  # identical on every rank: integer counts, exact in float64
+        counts = hist.cpu().to(torch.int64)
+        self.hist.zero_()
+        total = int(counts.sum())
+        if total == 0:
+            return
+        cum = torch.cumsum(counts, 0)
+        width = self.numel / self.bins
+        new = [0]
+        for j in range(1, self.P):
+            b = int(torch.searchsorted(cum, torch.tensor(math.ceil(j * total / self.P))))
+            new.append(max(new[-1], min(self.numel, round((b + 1) * width))))
+        new.append(self.numel)
+        if new != self.bounds:
+            self.flush_(e)
+            self.bounds, self.acc = new, None
+
+    # ------------------------------------------------------------------ one exchange
+    def exchange(self, transport, e: torch.Tensor, d: SparseDelta, k: int, index_codec: str, value_codec: str,
+                 comm) -> tuple[list[SparseDelta], float, Callable[[], None]]:
+        """Both phases for the selected delta `d` (global indices). Returns the owners' pieces with
+        global indices, the factor to apply them with (exact: 1, the owners already divided the sum by
+        P, so the result equals the dense mean bit for bit; re-sparsified: 1/P, the pieces are sums and
+        the owner residual is kept exactly in sum units) and `commit`, which reduces the caller's
+        residual `e` by d; call it once the pieces were applied. Raises CodecError on every rank alike."""
+        P, me = self.P, self.rank
+        if self.rebalance_every and self.exchanges and self.exchanges % self.rebalance_every == 0:
+            self._rebalance(transport, e)
+        self.exchanges += 1
+        dev = e.device
+        with comm.phase("encode"):  # phase 1: cut at the shard bounds, local indices
+            cuts = torch.searchsorted(d.indices, torch.tensor(self.bounds, device=d.indices.device)).tolist()
+            pieces = []
+            for j in range(P):
+                lo, hi = cuts[j], cuts[j + 1]
+                part = SparseDelta(d.indices[lo:hi] - self.bounds[j], d.values[lo:hi],
+                                   (self.bounds[j + 1] - self.bounds[j],), d.dtype)
+                pieces.append(encode(part, index_codec, value_codec))
+        with comm.phase("transfer"):
+            received = transport.all_to_all_bytes(pieces)
+        sent_bytes = sum(len(p) for j, p in enumerate(pieces) if j != me) + SIZE_BYTES * (P - 1)
+        recv_bytes = sum(len(b) for r, b in enumerate(received) if r != me) + SIZE_BYTES * (P - 1)
+
+        lo, hi = self.shard
+        acc = self._accumulator(dev)
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (indices, previous values) to undo exactly
+        error, out_buf, out = "", b"", None
+        with comm.phase("decode"):  # owner: validate every piece before touching the accumulator
+            try:
+                parts = [decode_from(r, buf, hi - lo) for r, buf in enumerate(received)]
+            except CodecError as err:
+                error, parts = f"owner rank {me}: {err}", []
+            for part in parts:  # rank order: every owner sums the same way
+                idx = part.indices.to(dev)
+                saved.append((idx, acc[idx].clone()))
+                acc.index_add_(0, idx, part.values.to(dev, torch.float32))
+        if not error:
+            with comm.phase("select"):  # owner: what of the summed shard to send
+                if self.exact or not parts:
+                    idx = torch.nonzero(acc).squeeze(1)
+                    out = SparseDelta(idx, acc[idx], (hi - lo,), torch.float32)
+                    sent = out.with_values(out.values / P) if self.exact else out  # the mean, as dense / P
+                else:
+                    share = min(math.ceil(k / P), int(torch.count_nonzero(acc)))
+                    out = sent = roundtrip_values(self.owner_selector.select(acc, share), value_codec)
+            with comm.phase("encode"):
+                out_buf = encode(sent, index_codec, "fp32" if self.exact else value_codec)
+        with comm.phase("transfer"):  # phase 2: sizes (negative: an owner failed), then the pieces
+            sizes = transport.all_gather_sizes(-1 if error else len(out_buf))
+            failed = [j for j, s in enumerate(sizes) if s < 0]
+            if not failed:
+                gathered = transport.all_gather_sized(out_buf, sizes)
+        try:
+            if failed:
+                raise CodecError(error or f"split all-reduce: owner rank(s) {failed} refused a phase-1 piece "
+                                          f"(see their logs); nothing was applied")
+            with comm.phase("decode"):
+                owners = [decode_from(j, buf, self.bounds[j + 1] - self.bounds[j]) for j, buf in enumerate(gathered)]
+        except CodecError:
+            for idx, prev in reversed(saved):  # undo the accumulation, bit for bit
+                acc[idx] = prev
+            raise
+        top = max(sizes)
+        comm.add_sent(sent_bytes + (P - 1) * (top + SIZE_BYTES))
+        comm.add_received(recv_bytes + (P - 1) * (top + SIZE_BYTES))
+        self.last = {"shard_entries": sum(p.k for p in parts), "owner_sent_entries": out.k,
+                     "aggregate_entries": sum(o.k for o in owners), "payload_bytes": sum(len(p) for p in pieces)}
+        for j, o in enumerate(owners):
+            o.indices = o.indices + self.bounds[j]
+            o.shape = (self.numel,)
+
+        def commit() -> None:
+            acc[out.indices.to(dev)] -= out.values.to(dev, torch.float32)  # owner error feedback
+            e[d.indices.to(dev)] -= d.values.to(dev, torch.float32)  # worker error feedback
+            if d.k and self.rebalance_every:
+                self.hist += torch.bincount((d.indices.cpu() * self.bins) // max(self.numel, 1), minlength=self.bins)
+
+        return owners, (1.0 if self.exact else 1.0 / P), commit
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"bounds": list(self.bounds), "acc": None if self.acc is None else self.acc.clone(),
+                "hist": self.hist.clone(), "exchanges": self.exchanges}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["bounds"]) != self.P + 1 or state["bounds"][-1] != self.numel:
+            raise ValueError(f"split state has bounds for {len(state['bounds']) - 1} ranks over {state['bounds'][-1]} "
+                             f"entries; this exchange has {self.P} ranks over {self.numel}")
+        self.bounds = list(state["bounds"])
+        self.acc = None if state["acc"] is None else state["acc"].detach().to(torch.float32).clone()
+        self.hist = state["hist"].clone()
+        self.exchanges = state["exchanges"]

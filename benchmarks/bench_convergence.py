@@ -27,6 +27,8 @@ Figures: reward vs step and reward vs cumulative bytes.
                                                      # the target's pair with 10 seeds (~9 min)
     python benchmarks/bench_convergence.py --methods dense,dense-lr1.5e-4,dense-lr6e-4,dense-lr1e-3,aspg-1%,aspg-1%-lr1e-3 \
         --name convergence_lr                        # dense at 4 rates vs ASPG-1% at 2 (~13 min)
+    python benchmarks/bench_convergence.py --methods aspg-1%-allgather,aspg-1%-split --seeds 20-29 --name convergence_split
+                                                     # split vs all-gather path, 10 fresh seeds (margin: results file)
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """
 from __future__ import annotations
@@ -66,8 +68,12 @@ METHODS = {
     # dense at two more rates (not in the default set; --name convergence_lr): is 3e-4 dense's best?
     "dense-lr1.5e-4": ["comm=ddp", "optimizer=adamw", "rl_lr=0.00015"],
     "dense-lr6e-4": ["comm=ddp", "optimizer=adamw", "rl_lr=0.0006"],
+    # exchange v2: ASPG-1% with the exchange path forced (at P=2 the volume rule picks the all-gather);
+    # the split path re-sparsifies each owner's summed shard to k/P with owner-side error feedback
+    "aspg-1%-allgather": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.paths=[allgather]"],
+    "aspg-1%-split": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.paths=[split]"],
 }
-DEFAULT_METHODS = [m for m in METHODS if m not in ("dense-lr1.5e-4", "dense-lr6e-4")]
+DEFAULT_METHODS = [m for m in METHODS if m not in ("dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather", "aspg-1%-split")]
 
 
 def run(method: str, seed: int, out: Path, extra: list[str]) -> dict:

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# pin first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,rl,trl]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,rl,trl,research]'
 	touch $@
 
 # Record the current venv's versions as the tested environment (run after the tests passed).

@@ -20,7 +20,9 @@ Each method runs with seeds 0-4 (model init, data and sampling all follow the se
 Reported per method: final reward (mean of the last 50 RL steps, sampled) as mean and spread
 over seeds, greedy accuracy after RL, and bytes each worker sent in the RL phase (encoded
 buffers; for DDP modes the ring all-reduce volume, for PowerSGD a formula for its factor all-reduces).
-Figures: reward vs step and reward vs cumulative bytes.
+Figures: reward vs step and reward vs cumulative bytes. The paired comparison of each target
+(ASPG minus dense, by seed) is a paired t test with its 95% CI and d_z (scipy, through
+sparsecomm.research.stats; `pip install -e '.[research]'`).
 
     python benchmarks/bench_convergence.py           # 55 runs, ~25 min on 2 cores
     python benchmarks/bench_convergence.py --methods dense,aspg-1% --seeds 0-9 --name convergence_10seeds
@@ -45,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, table, write_results  # noqa: E402
 
+from sparsecomm.research import stats as S  # noqa: E402
 from sparsecomm.research.matrix import kind_density_override  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +115,12 @@ def render(rows: list[dict], seeds: list[int], steps: int, name: str = "converge
         d = next(r for r in rows if r["method"] == dname)
         s = next(r for r in rows if r["method"] == sname)
         spread = max(d["final_reward_std"], s["final_reward_std"])
-        diffs = [b - a for a, b in zip(d["final_rewards"], s["final_rewards"])]  # same seeds: same init, data, prompts
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        # same seeds: same init, data, prompts -> a paired t by seed (scipy, via sparsecomm.research.stats)
+        paired = S.paired(s["final_rewards"], d["final_rewards"])
         return [(f"{sname} final reward within the seed-to-seed spread of {dname}",
                  d["final_reward_mean"] - s["final_reward_mean"] <= spread,
                  f"{dname} {d['final_reward_mean']:.3f}, {sname} {s['final_reward_mean']:.3f}, spread {spread:.3f} "
-                 f"(difference paired by seed {statistics.mean(diffs):+.3f}, standard error {se:.3f})"),
+                 f"({sname} - {dname} paired by seed: {paired.describe()})"),
                 (f"{sname} sends >= 50x fewer bytes than {dname}", s["bytes_vs_dense"] >= 50, f"{s['bytes_vs_dense']:.0f}x")]
 
     names = {r["method"] for r in rows}

@@ -25,9 +25,11 @@ cache-sized chunks, which is what makes it ~15x cheaper than `torch.topk` on a 2
 
 Why `reuse`: under error feedback the residual's distribution drifts slowly from step to step,
 so last step's threshold usually selects within a few percent of k with a single pass over the
-tensor (no sample, no `torch.topk`). When the count drifts outside `reuse_tolerance`, a count
-above it is trimmed exactly with `torch.topk` over the candidates (and the threshold moves to the
-k-th value), a count below it re-estimates the threshold by `sampled`. Stateful: one instance
+tensor (no `torch.topk` over a sample or over the candidates). A small random sample is asked
+first whether the old threshold still selects about k; if not, the threshold is re-estimated by
+`sampled` (so a drifted threshold never costs a wasted pass). When the full pass still lands
+outside `reuse_tolerance`, a count above it is trimmed exactly with `torch.topk` over the
+candidates (the threshold moves to the k-th value), a count below it re-estimates. Stateful: one instance
 per tensor that is selected from repeatedly (the exchange keeps one per buffer).
 
 `select_model` applies a selector to a whole model's tensors, with one global budget (the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Protocol
 
+import numpy as np
 import torch
 
 from ..delta import SparseDelta
@@ -55,7 +58,19 @@ def k_for(numel: int, density: float) -> int:
 def _delta(x: torch.Tensor, idx: torch.Tensor, already_sorted: bool = False) -> SparseDelta:
     if not already_sorted:
         idx, _ = torch.sort(idx)
-    return SparseDelta(idx, x.reshape(-1)[idx], tuple(x.shape), x.dtype)
+    flat = x.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and idx.device.type == "cpu":
+        return SparseDelta(idx, torch.from_numpy(flat.numpy()[idx.numpy()]), tuple(x.shape), x.dtype)  # numpy's take: ~3x torch's gather here
+    return SparseDelta(idx, flat[idx], tuple(x.shape), x.dtype)
+
+
+def _keep_top(cand: torch.Tensor, ranked: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """The k candidates with the largest `ranked`, still in increasing position order (no sort), and
+    the k-th value (the new threshold)."""
+    top = torch.topk(ranked, k, sorted=False)
+    keep = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
+    keep[top.indices] = True
+    return cand[keep], float(top.values.min())
 
 
 class Selector(Protocol):
@@ -108,6 +123,16 @@ class SampledThreshold:
     def _candidates(self, s: torch.Tensor, thr: float, use_abs: bool) -> torch.Tensor:
         if s.device.type != "cpu":
             return torch.nonzero((s.abs() if use_abs else s) >= thr).squeeze(1)
+        if s.dtype in (torch.float32, torch.float64) and s.is_contiguous():
+            # numpy's abs / compare / flatnonzero run ~2.5x faster than torch.nonzero on CPU here
+            # (0.2 s vs 0.5 s for 124M fp32, one thread); chunks of 256k stay in cache
+            xs, outs, c = s.numpy(), [], min(self.chunk_numel, 1 << 18)
+            buf = np.empty(min(c, xs.size), dtype=xs.dtype)
+            for start in range(0, xs.size, c):
+                part = xs[start:start + c]
+                ranked = np.abs(part, out=buf[:part.size]) if use_abs else part
+                outs.append(np.flatnonzero(ranked >= thr) + start)
+            return torch.from_numpy(np.concatenate(outs) if outs else np.empty(0, dtype=np.int64))
         # Chunks that fit in cache: abs, compare and nonzero each touch memory once.
         outs, c = [], self.chunk_numel
         buf = torch.empty(min(c, s.numel()), dtype=s.dtype)
@@ -138,10 +163,8 @@ class SampledThreshold:
                 self.rounds_used = r
                 self.threshold = thr
                 if c > k * (1.0 + self.tolerance):
-                    ranked = s[cand].abs() if use_abs else s[cand]
-                    top = torch.topk(ranked, k, sorted=False)
-                    cand, self.threshold = cand[top.indices], float(top.values.min())
-                return _delta(x, cand)
+                    cand, self.threshold = _keep_top(cand, s[cand].abs() if use_abs else s[cand], k)
+                return _delta(x, cand, already_sorted=True)  # candidates come in increasing position order
             target = target * k / max(c, 1) * 1.1  # undershot: lower the threshold and retry
             if thr <= 0.0:
                 break
@@ -163,25 +186,34 @@ class ThresholdReuse(SampledThreshold):
 
     def select(self, x, k, score=None):
         s = _check(x, k, score)
-        use_abs = score is None
+        n, use_abs = s.numel(), score is None
         thr = self.threshold
-        if thr is not None and 0 < k < s.numel() and thr > 0:
+        if thr is not None and 0 < k < n and thr > 0 and self._still_good(s, k, thr, use_abs):
             cand = self._candidates(s, thr, use_abs)
             c = cand.numel()
             if k * (1 - self.reuse_tolerance) <= c <= k * (1 + self.reuse_tolerance):
                 self.reused += 1
                 return _delta(x, cand, already_sorted=True)  # chunked nonzero yields increasing positions
             if k < c <= k * self.trim_factor:  # too many: the exact top-k of the candidates
-                ranked = s[cand].abs() if use_abs else s[cand]
-                top = torch.topk(ranked, k, sorted=False)
-                self.threshold = float(top.values.min())
+                cand, self.threshold = _keep_top(cand, s[cand].abs() if use_abs else s[cand], k)
                 self.reused += 1
-                return _delta(x, cand[top.indices])
+                return _delta(x, cand, already_sorted=True)
         self.estimated += 1
         d = super().select(x, k, score)
         if self.rounds_used in (0, self.max_rounds + 1) and d.k:  # exact path: threshold = the k-th value
             self.threshold = float((s[d.indices].abs() if use_abs else s[d.indices]).min())
         return d
+
+    def _still_good(self, s: torch.Tensor, k: int, thr: float, use_abs: bool) -> bool:
+        """Does the old threshold still select about k? Asked of a small random sample first, so a
+        drifted threshold costs a gather of the sample, not a wasted pass over the whole tensor."""
+        n = s.numel()
+        m = min(n, max(self.min_sample, int(n * self.sample_fraction)))
+        sample = s[torch.randint(n, (m,), generator=self.generator).to(s.device)]
+        hits = int(((sample.abs() if use_abs else sample) >= thr).sum())
+        expected = k * m / n
+        noise = 2.5 * math.sqrt(max(expected, 1.0))  # sampling error of the count, in sample units
+        return abs(hits - expected) <= self.reuse_tolerance * expected + noise
 
 
 class ChunkedTopK:

@@ -226,7 +226,7 @@ class SparseExchange:
         c.note(payload_bytes=len(payload))
 
         def commit() -> None:
-            e[d.indices.to(e.device)] -= d.values.to(e.device, torch.float32)
+            e.index_add_(0, d.indices.to(e.device), d.values.to(e.device, torch.float32), alpha=-1)  # = e[i] - v, exactly
 
         return commit, applied_k
 

@@ -177,8 +177,9 @@ class SplitAllReduce:
             o.shape = (self.numel,)
 
         def commit() -> None:
-            acc[out.indices.to(dev)] -= out.values.to(dev, torch.float32)  # owner error feedback
-            e[d.indices.to(dev)] -= d.values.to(dev, torch.float32)  # worker error feedback
+            # x - v exactly (alpha=-1 is exact); indices are unique, so index_add_ is a plain scatter
+            acc.index_add_(0, out.indices.to(dev), out.values.to(dev, torch.float32), alpha=-1)  # owner error feedback
+            e.index_add_(0, d.indices.to(dev), d.values.to(dev, torch.float32), alpha=-1)  # worker error feedback
             if d.k and self.rebalance_every:
                 self.hist += torch.bincount((d.indices.cpu() * self.bins) // max(self.numel, 1), minlength=self.bins)
 

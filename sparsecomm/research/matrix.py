@@ -3,6 +3,8 @@
     sparsecomm matrix --preset quick --out runs/matrix-quick      # 51 runs, ~2.5 min on 2 cores
     sparsecomm matrix --preset full  --out runs/matrix-full       # 150 runs, ~33 min on 2 cores
     sparsecomm matrix --preset full  --out runs/matrix-full --report-only   # re-derive the report
+    sparsecomm matrix --preset full  --out benchmarks/results/research --report-only
+                                            # the committed report, from its tables.json (no training)
 
 Every run is one single-process training job (sparsecomm.rl.trainer: a dense SFT warm start on
 the task, then the measured phase with the run's optimizer and learning rate, fully tracked) in

@@ -29,7 +29,7 @@ sparsecomm.research.stats; `pip install -e '.[research]'`).
                                                      # the target's pair with 10 seeds (~9 min)
     python benchmarks/bench_convergence.py --methods dense,dense-lr1.5e-4,dense-lr6e-4,dense-lr1e-3,aspg-1%,aspg-1%-lr1e-3 \
         --name convergence_lr                        # dense at 4 rates vs ASPG-1% at 2 (~13 min)
-    python benchmarks/bench_convergence.py --methods aspg-1%-allgather,aspg-1%-split --seeds 20-29 --name convergence_split
+    python benchmarks/bench_convergence.py --methods dense,aspg-1%-allgather,aspg-1%-split --seeds 20-29 --name convergence_split
                                                      # split vs all-gather path, 10 fresh seeds (margin: results file)
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """

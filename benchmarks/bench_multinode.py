@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_coordinator  # noqa: E402
 import bench_exchange  # noqa: E402
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, figure_row, save_figure, table, write_results  # noqa: E402
 
 from sparsecomm.cluster import EmulatedCluster, can_create_namespaces  # noqa: E402
 from sparsecomm.cluster.cli import run_on_cluster  # noqa: E402
@@ -113,21 +113,14 @@ def render(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = sorted({(r["workload"], r["link"]) for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups), 3.4), squeeze=False)
-    for ax, (w, link) in zip(axes[0], groups):
+    fig, axes = figure_row(len(groups))
+    for ax, (w, link) in zip(axes, groups):
         sub = [r for r in rows if r["workload"] == w and r["link"] == link]
         ax.bar([r["mode"] for r in sub], [r["step_s"] for r in sub], color=["0.5", "C0", "C1"][:len(sub)])
         ax.set_title(f"{w}\n{link}", fontsize=9)
         ax.set_ylabel("s per step (slowest rank)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:

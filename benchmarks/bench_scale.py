@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_exchange  # noqa: E402
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, figure_row, save_figure, table, write_results  # noqa: E402
 
 from sparsecomm.cluster import can_create_namespaces  # noqa: E402
 from sparsecomm.simulate import GPT2_124M, Link, calibrate, predict  # noqa: E402
@@ -59,14 +59,9 @@ def predictions(cal) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     links = sorted({r["gbps"] for r in rows})
-    fig, axes = plt.subplots(1, len(links), figsize=(3.3 * len(links), 3.2), squeeze=False)
-    for ax, gbps in zip(axes[0], links):
+    fig, axes = figure_row(len(links), width=3.3, height=3.2)
+    for ax, gbps in zip(axes, links):
         for p, color in zip(PATHS, ("0.5", "C2", "C0", "C1")):
             sub = [r for r in rows if r["gbps"] == gbps and r["path"] == p]
             ax.plot([r["P"] for r in sub], [r["total_s"] for r in sub], "o-", color=color, label=p, ms=3)
@@ -76,9 +71,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("P")
         ax.set_ylabel("predicted s / exchange")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:

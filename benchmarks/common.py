@@ -50,6 +50,25 @@ def best_time(fn, repeat: int = 3):
     return best, out
 
 
+def figure_row(n: int, width: float = 3.4, height: float = 3.4):
+    """One row of n panels on the Agg backend (no display needed): (figure, list of axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

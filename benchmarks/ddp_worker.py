@@ -2,12 +2,15 @@
 
 Model: a 25.2M-parameter MLP (1024 -> 4096 -> 4096 -> 1024, tanh) regressing a fixed random
 teacher of the same shape (every rank builds the same student and teacher from fixed seeds);
-each rank draws its own batch of 32 inputs per step (seed: rank, step), SGD. The gradients of a
-batch of 32 have rank <= 32 per matrix, so PowerSGD rank 1 is lossy here, as on a real model.
+each rank draws its own batch of 32 inputs per step (seed: rank, step), SGD on the squared error
+summed over the 1024 outputs (mean over the batch). The gradients of a batch of 32 have rank <= 32
+per matrix, so PowerSGD rank 1 is lossy here, as on a real model.
 
 Hooks: `default` (DDP's all-reduce), `powersgd` (torch's powerSGD_hook, rank 1, error feedback,
-warm start, one bucket: it breaks on gloo with several), `sparse` (sparsecomm's hook at 1%:
-threshold-reuse top-k, split sparse all-reduce, overlap with backward). Per step: wall time
+warm start, one bucket: it breaks on gloo with several), `sparse` (sparsecomm's hook at 1% with its
+defaults: threshold-reuse top-k, the volume rule's path - split at P=4 - and index codec - Rice -,
+overlap with backward), `sparse-measured` (the same with `switch="measured"`: it times the paths
+and raw vs Rice indices and keeps the fastest). Per step: wall time
 (max over ranks), this process's CPU seconds, bytes sent; every `eval_every` steps the loss on a
 fixed held-out batch (time excluded). Rows go to --out (rank 0).
 """
@@ -53,10 +56,10 @@ def main() -> int:
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--master", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--hook", choices=["default", "powersgd", "sparse"], required=True)
+    ap.add_argument("--hook", choices=["default", "powersgd", "sparse", "sparse-measured"], required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--density", type=float, default=0.01)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -79,20 +82,24 @@ def main() -> int:
             ddp = DDP(student, bucket_cap_mb=10_000)
             state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
             ddp.register_comm_hook(state, psgd.powerSGD_hook)
-        elif a.hook == "sparse":
+        elif a.hook.startswith("sparse"):
             from sparsecomm.exchange import SparseHookState, sparse_topk_hook
 
             ddp = DDP(student)
-            state = SparseHookState(density=a.density, seed=a.rank)
+            state = SparseHookState(density=a.density, seed=a.rank,
+                                    switch="measured" if a.hook == "sparse-measured" else "volume")
             ddp.register_comm_hook(state, sparse_topk_hook)
         else:
             ddp = DDP(student)
         opt = torch.optim.SGD(ddp.parameters(), lr=a.lr)
         rows, elapsed = [], 0.0
 
+        def sq_error(out, y):  # summed over outputs, mean over the batch
+            return (out - y).pow(2).sum(1).mean()
+
         def evaluate(step):
             with torch.no_grad():
-                loss = float(nn.functional.mse_loss(student(x_eval), y_eval))
+                loss = float(sq_error(student(x_eval), y_eval))
             rows.append({"kind": "eval", "step": step, "elapsed_s": elapsed, "eval_loss": loss})
 
         evaluate(0)
@@ -103,24 +110,24 @@ def main() -> int:
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
             opt.zero_grad(set_to_none=False)
-            nn.functional.mse_loss(ddp(x), y).backward()
+            sq_error(ddp(x), y).backward()
             opt.step()
             wall = max_over_ranks(time.perf_counter() - t0)
             cpu = time.process_time() - c0
             elapsed += wall
-            sent = (state.last_metrics.get("comm/sent_bytes") if a.hook == "sparse"
+            sent = (state.last_metrics.get("comm/sent_bytes") if a.hook.startswith("sparse")
                     else powersgd_bytes(student, 1, P) if a.hook == "powersgd" and step >= 2
                     else 4 * numel * 2 * (P - 1) // P)
             rows.append({"kind": "step", "step": step, "step_s": wall, "cpu_s_max": max_over_ranks(cpu),
                          "sent_bytes": sent, "elapsed_s": elapsed,
-                         "path": state.last_metrics.get("comm/path") if a.hook == "sparse" else None})
+                         "path": state.last_metrics.get("comm/path") if a.hook.startswith("sparse") else None})
             if step % a.eval_every == 0 or step == a.steps:
                 evaluate(step)
         if a.rank == 0:
             with open(a.out, "w") as f:
                 for r in rows:
                     f.write(json.dumps({"hook": a.hook, "P": P, "numel": numel, **r}) + "\n")
-        if a.hook == "sparse":
+        if a.hook.startswith("sparse"):
             state.close()
         dist.barrier()
     finally:

@@ -56,13 +56,6 @@ class SparseDelta:
     def empty(cls, shape, dtype=torch.float32, **meta) -> "SparseDelta":
         return cls(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=dtype), tuple(shape), dtype, **meta)
 
-    @classmethod
-    def from_dense(cls, dense: torch.Tensor, **meta) -> "SparseDelta":
-        """All nonzero entries of `dense` (density 1.0 would be `select` with k = numel)."""
-        flat = dense.reshape(-1)
-        idx = torch.nonzero(flat).squeeze(1)
-        return cls(idx, flat[idx], tuple(dense.shape), dense.dtype, **meta)
-
     def validate(self) -> "SparseDelta":
         """Raise ValueError unless the delta is in canonical form; return self."""
         if self.dtype not in DTYPE_NAMES:
@@ -101,10 +94,3 @@ class SparseDelta:
 
     def with_values(self, values: torch.Tensor) -> "SparseDelta":
         return replace(self, values=values)
-
-    def sort_(self) -> "SparseDelta":
-        """Put indices in increasing order (selectors produce them unordered)."""
-        order = torch.argsort(self.indices)
-        self.indices = self.indices[order]
-        self.values = self.values[order]
-        return self

@@ -32,13 +32,13 @@ outside `reuse_tolerance`, a count above it is trimmed exactly with `torch.topk`
 candidates (the threshold moves to the k-th value), a count below it re-estimates. Stateful: one instance
 per tensor that is selected from repeatedly (the exchange keeps one per buffer).
 
-`select_model` applies a selector to a whole model's tensors, with one global budget (the
-largest entries anywhere win) or one budget per tensor.
+Callers that select over a whole model keep one flat buffer (ASPG, the exchange's FlatLayout)
+and select on it directly: one global budget, or one budget per tensor view (ASPG's per_tensor).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -276,41 +276,3 @@ def make_selector(name: str, **kwargs) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")
     return SELECTORS[name](**kwargs)
-
-
-def split_flat(flat: SparseDelta, layout: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict[str, SparseDelta]:
-    """Cut a delta over a flat concatenation into per-tensor deltas.
-
-    `layout` maps name -> (offset, shape) in concatenation order.
-    """
-    names = list(layout)
-    offsets = torch.tensor([layout[nm][0] for nm in names] + [flat.numel], dtype=torch.int64)
-    bounds = torch.searchsorted(flat.indices, offsets.to(flat.indices.device)).tolist()
-    out = {}
-    for i, nm in enumerate(names):
-        lo, hi = bounds[i], bounds[i + 1]
-        off, shape = layout[nm]
-        out[nm] = SparseDelta(flat.indices[lo:hi] - off, flat.values[lo:hi], tuple(shape), flat.dtype,
-                              step=flat.step, base_version=flat.base_version)
-    return out
-
-
-def select_model(tensors: Mapping[str, torch.Tensor], density: float, selector: Selector,
-                 budget: str = "global", scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, SparseDelta]:
-    """Select from a whole model: one `global` budget of density * total, or one per tensor.
-
-    The global budget concatenates the tensors (one temporary copy of the model); callers that
-    already keep a flat buffer (the ASPG optimizer) select on it directly and `split_flat`.
-    """
-    if budget == "per_tensor":
-        return {nm: selector.select(t, k_for(t.numel(), density), None if scores is None else scores[nm])
-                for nm, t in tensors.items()}
-    if budget != "global":
-        raise ValueError(f"budget must be 'global' or 'per_tensor', got {budget!r}")
-    layout, off = {}, 0
-    for nm, t in tensors.items():
-        layout[nm] = (off, tuple(t.shape))
-        off += t.numel()
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors.values()]) if tensors else torch.empty(0)
-    flat_score = None if scores is None else torch.cat([scores[nm].reshape(-1) for nm in tensors])
-    return split_flat(selector.select(flat, k_for(flat.numel(), density), flat_score), layout)

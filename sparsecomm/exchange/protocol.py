@@ -1,14 +1,18 @@
-"""The coordinator protocol (version 1): a msgpack header frame plus raw binary frames. No pickle.
+"""The coordinator protocol (version 2): a msgpack header frame plus raw binary frames. No pickle.
 
 Every message is a ZeroMQ multipart message `[header, *frames]` (the ROUTER side also sees the
-peer identity first). `header` is a msgpack map with at least {"v": 1, "op": str}; frames hold
+peer identity first). `header` is a msgpack map with at least {"v": 2, "op": str}; frames hold
 the codec's payloads (sparsecomm.codec wire format) or raw little-endian weight chunks
 (chunks.py: {index, total, offset}, at most CHUNK_BYTES each).
 
 Client -> coordinator
     join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, hash}
     init        {worker, index, total, offset}            + fp32 chunk   (first trainer seeds W0)
-    push        {worker, round, step, base_version}       + delta payload (flat, shape (numel,))
+    push        {worker, round, step, base_version, decay} + delta payload (flat, shape (numel,))
+                decay: [[start, stop, factor], ...] the decoupled weight decay this trainer applied
+                to its weights since its last push, in order (W[start:stop] *= factor, one entry
+                per param group and local step; [] without weight decay). Every contributor of a
+                round must send the same list (refused as `decay_mismatch` otherwise).
     heartbeat   {worker}
     sync        {worker, from_version}                    missing aggregates, or snapshot needed
     snapshot    {worker}                                  full weights, chunked
@@ -16,11 +20,14 @@ Client -> coordinator
 
 Coordinator -> client
     welcome     {version, hash, round, numel, need_init, need_sync, need_snapshot}
-    aggregate   {round, version, hash, parent_hash, contributors, late} + payload
+    aggregate   {round, version, hash, parent_hash, contributors, late, decay} + payload
                 contributors: workers whose on-time deltas it averages; late: [[worker, round], ...]
                 whose late deltas were folded in. Together they name every delta in the mean.
+                decay: the round's agreed weight decay; the version it produces is
+                W_v = decay(W_{v-1}) + decode(payload), on the coordinator and on every replica.
     ack         {round, status: "pending"}  a re-sent push already counted; its aggregate follows
-    rollout     {version, hash, kind: "bf16_values"|"delta"}                     + payload
+    rollout     {version, hash, kind: "bf16_values"|"delta", decay}              + payload
+                (decay only matters for kind "delta": bf16_values already carry decayed values)
     anchor      {version, hash, index, total, offset, dtype}                    + chunk
     snapshot    {version, hash, index, total, offset}                           + fp32 chunk
     synced      {version, hash, count}  (after count `aggregate` replays)
@@ -32,8 +39,10 @@ replies. A push is idempotent: re-sent for a round whose aggregate exists and co
 reply is that same aggregate; re-sent while its round is open, the reply is `ack`.
 
 Versions: the coordinator's weights version counts applied aggregates; `hash` chains them:
-hash_v = sha256(hash_{v-1} || aggregate payload bytes), hash_0 = sha256(fingerprint || W0 bytes).
-A worker that applies the same payloads reaches the same hash, and can prove it.
+hash_v = sha256(hash_{v-1} || aggregate payload bytes [|| "decay" || msgpack(decay) when decay is
+not empty]), hash_0 = sha256(fingerprint || W0 bytes). A worker that applies the same payloads
+and decays reaches the same hash, and can prove it. Version 2 added `decay` (the coordinator's
+canonical weights decay with the trainers', so snapshots and rollout copies match them).
 
 Size limits are checked before anything is unpacked (HeaderLimits): a request header is at
 most 4 KiB with short strings and arrays, so a msgpack "bomb" (a few bytes per nested object,
@@ -47,12 +56,13 @@ from dataclasses import dataclass
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: push/aggregate `decay` (weight decay on the coordinator's weights)
 OPS_IN = ("join", "init", "push", "heartbeat", "sync", "snapshot", "leave")
 ROLES = ("trainer", "rollout")
 REASONS = ("malformed", "protocol_version", "unknown_op", "unknown_worker", "bad_field", "fingerprint",
            "shape_mismatch", "bad_payload", "value_out_of_range", "oversized", "duplicate", "stale", "not_ready",
-           "init_conflict", "forbidden", "rate_limited", "internal")
+           "init_conflict", "forbidden", "rate_limited", "decay_mismatch", "internal")
+MAX_DECAY_OPS = 64  # param groups x local steps per push; a header of 64 ops is ~1.8 KiB
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class HeaderLimits:
 
 
 # What clients send is small and flat (the largest, `join`, is ~250 bytes): tight bounds.
-REQUEST_LIMITS = HeaderLimits(max_bytes=4096, max_str_len=512, max_array_len=16, max_map_len=32)
+REQUEST_LIMITS = HeaderLimits(max_bytes=4096, max_str_len=512, max_array_len=MAX_DECAY_OPS, max_map_len=32)
 # Coordinator replies list contributors (one name per trainer): looser, and they come from the server.
 REPLY_LIMITS = HeaderLimits(max_bytes=1 << 20, max_str_len=4096, max_array_len=1 << 16, max_map_len=64)
 
@@ -116,10 +126,44 @@ def field(h: dict, key: str, kind: type, lo: int | None = None, hi: int | None =
     return v
 
 
-def chain(prev_hash: str, payload: bytes | memoryview) -> str:
+Decay = tuple[tuple[int, int, float], ...]  # ((start, stop, factor), ...): W[start:stop] *= factor, in order
+
+
+def decay_field(h: dict, numel: int) -> Decay:
+    """h["decay"] validated: at most MAX_DECAY_OPS [start, stop, factor] with 0 <= start < stop <= numel
+    and a finite factor in (0, 1] (a decoupled decay 1 - lr*wd; anything else is a bug or a lie)."""
+    ops = h.get("decay", [])
+    if not isinstance(ops, list) or len(ops) > MAX_DECAY_OPS:
+        raise ProtocolError("bad_field", f"decay must be a list of at most {MAX_DECAY_OPS} [start, stop, factor]")
+    out = []
+    for op in ops:
+        if not (isinstance(op, list) and len(op) == 3 and type(op[0]) is int and type(op[1]) is int
+                and type(op[2]) is float):
+            raise ProtocolError("bad_field", f"decay entry {op!r} is not [int, int, float]")
+        start, stop, factor = op
+        if not (0 <= start < stop <= numel) or not (0.0 < factor <= 1.0):  # also refuses NaN
+            raise ProtocolError("bad_field", f"decay entry {op!r}: need 0 <= start < stop <= {numel}, 0 < factor <= 1")
+        out.append((start, stop, factor))
+    return tuple(out)
+
+
+def decay_wire(decay: Decay) -> list:
+    return [[int(a), int(b), float(f)] for a, b, f in decay]
+
+
+def chain(prev_hash: str, payload: bytes | memoryview, decay: Decay = ()) -> str:
     h = hashlib.sha256(bytes.fromhex(prev_hash))
     h.update(memoryview(payload).cast("B"))
+    if decay:  # the decay is part of what produced the version: the chain commits to it
+        h.update(b"decay" + msgpack.packb(decay_wire(decay)))
     return h.hexdigest()
+
+
+def apply_decay(flat, decay: Decay) -> None:
+    """W[start:stop] *= factor for each op, in order: the same fp32 multiply the trainers' ASPG does
+    (a Python-float scalar on an fp32 tensor), so the results agree bit for bit."""
+    for start, stop, factor in decay:
+        flat[start:stop].mul_(factor)
 
 
 def genesis_hash(fingerprint: str, weights_bytes) -> str:

@@ -17,6 +17,15 @@ at the last version anyone saw), the client rejoins and replays what it missed; 
 aggregate names its contributors, so the client knows whether its own pending delta is already
 in one (then that push is done) or must be pushed again (then it is, into the current round).
 
+Weight decay: ASPG decays the weights locally every step and tells the transport (`set_decay`);
+the push carries that decay, the coordinator applies it to its own copy, and every aggregate
+names the decay of its round (protocol.py). The weights of a trainer with a push outstanding
+already carry its own decay ("owed" to the coordinator). Replayed aggregates are applied as
+decay then payload, except that the first one after our version - the round we pushed for -
+skips the decay we already applied; if we re-push into a later round, our decay is applied
+again locally, because the coordinator will apply it again in that round. So a trainer that
+resyncs ends with the coordinator's weights bit for bit, as do late joiners and rollout copies.
+
 Client-side state: `version`, `hash` and `round` are re-derived from the coordinator at every
 join, so a trainer restored from a checkpoint needs nothing from this module's state to
 continue exactly; `CoordinatorTransport.state_dict()` carries the step counter it stamps on
@@ -33,11 +42,22 @@ import zmq
 from ..codec import decode
 from ..delta import SparseDelta
 from . import chunks
-from .protocol import REPLY_LIMITS, chain, genesis_hash, model_fingerprint, pack, unpack_header
+from .protocol import (REPLY_LIMITS, Decay, chain, decay_field, decay_wire, genesis_hash, model_fingerprint, pack,
+                       unpack_header)
 
 log = logging.getLogger("sparsecomm.coordinator_client")
 # errors after which rejoining (and replaying or re-pushing) can succeed
 _REJOIN_REASONS = ("unknown_worker", "bad_field", "stale", "hash_chain")
+
+
+def _decay_of(h: dict, numel: int) -> Decay:
+    """An aggregate's decay, validated like a request's (it comes from the network too)."""
+    from .protocol import ProtocolError
+
+    try:
+        return decay_field(h, numel)
+    except ProtocolError as e:
+        raise CoordinatorError("protocol", f"aggregate decay: {e.detail}") from None
 
 
 class CoordinatorError(RuntimeError):
@@ -139,24 +159,44 @@ class CoordinatorClient:
     """A trainer's link: join (seed, replay or snapshot), push a delta, receive the verified aggregate.
 
     `flat` is the worker's flat fp32 weights; `apply` and `load` write into the model (replays
-    and snapshots during join; the caller applies the aggregates that `push` returns).
+    and snapshots during join; the caller applies the aggregates that `push` returns); `decay`
+    multiplies flat ranges of the model's weights (`[(start, stop, factor)]`), needed only when
+    the trainers use weight decay (an aggregate with decay and no `decay` callback is an error).
     """
 
     def __init__(self, endpoint: str, worker_id: str, timeout_s: float = 120.0, heartbeat_s: float = 1.0,
                  curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
         self.conn = _Connection(endpoint, worker_id, "trainer", timeout_s, heartbeat_s, curve, context)
         self.version, self.hash, self.round, self.numel = 0, "", 0, 0
+        self._own: Decay = ()  # the decay of the outstanding push
+        self._owed = False  # our weights carry `_own`, not yet matched by an aggregate we applied
 
-    def join(self, fingerprint: str, flat: torch.Tensor, apply, load) -> str:
+    def join(self, fingerprint: str, flat: torch.Tensor, apply, load, decay=None) -> str:
         """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'."""
-        self._rejoin_args = (fingerprint, apply, load)
+        self._rejoin_args = (fingerprint, apply, load, decay)
         how, _ = self._join(flat)
         return how
 
+    def _decay(self, decay: Decay) -> None:
+        """Apply an aggregate's decay to our weights, unless it is the one they already carry."""
+        if not decay:
+            return
+        if self._owed:  # the first aggregate after our push's base: its round's decay is ours, applied locally
+            if decay != self._own:
+                raise CoordinatorError("decay_mismatch", f"round decayed by {decay_wire(decay)}, this trainer by "
+                                       f"{decay_wire(self._own)}: lr / weight_decay / step differ between trainers")
+            self._owed = False
+            return
+        fn = self._rejoin_args[3]
+        if fn is None:
+            raise CoordinatorError("decay_mismatch", "the coordinator's weights decay, but this client has no decay callback")
+        fn(decay)
+
     def _join(self, flat: torch.Tensor, pending_round: int | None = None) -> tuple[str, memoryview | None]:
         """Join; with `pending_round`, a push for that round is outstanding: if a replayed aggregate
-        already counts it, that replay is not applied here but returned, as the push's result."""
-        fingerprint, apply, load = self._rejoin_args
+        already counts it, that replay is not applied here but returned, as the push's result
+        (its decay already applied: the caller adds only the payload)."""
+        fingerprint, apply, load, _ = self._rejoin_args
         self.numel = flat.numel()
         flat = flat.detach().to("cpu", torch.float32).contiguous()
         raw = chunks.raw_bytes(flat)
@@ -189,15 +229,19 @@ class CoordinatorClient:
                         break
                     if hh["op"] != "aggregate" or hh["version"] <= self.version:
                         continue  # stale: a broadcast or re-send from before we fell behind
-                    replayed.append(self._verify(hh, frames))
+                    decay = _decay_of(hh, self.numel)
+                    replayed.append((self._verify(hh, frames), decay))
                     counted = counted or (pending_round is not None and _counts(hh, self.conn.worker, pending_round))
             except BaseException:  # nothing applied yet: stay at the version our weights are at
                 self.version, self.hash, self.round = before
                 raise
             if counted:  # our outstanding delta is in there: the last replay becomes the push's result
-                replayed, result = replayed[:-1], replayed[-1]
-            for p in replayed:
+                replayed, (result, last_decay) = replayed[:-1], replayed[-1]
+            for p, decay in replayed:
+                self._decay(decay)
                 apply(decode(p))
+            if counted:
+                self._decay(last_decay)
             h = hh
             how = "replayed"
         elif h["need_snapshot"]:
@@ -206,7 +250,8 @@ class CoordinatorClient:
                             "outstanding delta was applied; pushing it again", h["version"], self.version)
             self.conn.send("snapshot")
             weights, h = receive_weights(self.conn, self.numel)
-            load(weights)
+            load(weights)  # the coordinator's weights, all its decays included
+            self._owed = False
             how = "snapshot"
         else:
             how = "in_sync"
@@ -220,25 +265,30 @@ class CoordinatorClient:
         return h, frames
 
     def _verify(self, h: dict, frames: list) -> memoryview:
-        """The aggregate's payload, once its version and hash chain check out."""
+        """The aggregate's payload, once its version and hash chain (payload and decay) check out."""
         if h["op"] != "aggregate" or len(frames) != 1:
             raise CoordinatorError("protocol", f"expected an aggregate, got {h['op']!r}")
-        if h["version"] != self.version + 1 or chain(self.hash, frames[0]) != h["hash"]:
+        if h["version"] != self.version + 1 or chain(self.hash, frames[0], _decay_of(h, self.numel)) != h["hash"]:
             raise CoordinatorError("hash_chain", f"aggregate v{h['version']} does not follow v{self.version} "
                                    f"({self.hash[:12]}): resync needed")
         self.version, self.hash, self.round = h["version"], h["hash"], h["round"] + 1
         return frames[0]
 
     def _await_aggregate(self) -> memoryview:
-        """The next aggregate that follows our version; `ack`s and stale duplicates are skipped."""
+        """The next aggregate that follows our version (its decay accounted for); `ack`s and stale
+        duplicates are skipped."""
         while True:
             h, frames = self.conn.recv()
             if h["op"] == "aggregate" and h["version"] > self.version:
-                return self._verify(h, frames)
+                payload = self._verify(h, frames)
+                self._decay(_decay_of(h, self.numel))
+                return payload
             # "ack": our re-sent push is counted, its aggregate follows; older aggregates: duplicates
 
-    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 4) -> memoryview:
+    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 4, decay: Decay = ()) -> memoryview:
         """Send this worker's delta for the current round; return the round's verified aggregate payload.
+        `decay`: the weight decay this worker applied to its weights since its previous push (it
+        already did; the caller adds only the returned payload).
 
         Error feedback already counts the delta as sent, so it must be applied exactly once:
         after a timeout the same push is re-sent (idempotent on the coordinator); if the
@@ -246,6 +296,7 @@ class CoordinatorClient:
         and either find the delta in a replayed aggregate or push it into the current round.
         """
         rnd, base = self.round, self.version
+        self._own, self._owed = tuple(decay), bool(decay)
         resend_first, rejoin = True, False
         for attempt in range(attempts):
             try:
@@ -254,7 +305,10 @@ class CoordinatorClient:
                     if result is not None:
                         return result  # the delta was already in an aggregate we had missed
                     rnd, base, rejoin = self.round, self.version, False  # not counted: push it into this round
-                self.conn.send("push", payload, round=rnd, step=step, base_version=base)
+                    if self._own and not self._owed:  # a replay or snapshot used up our local decay, but the
+                        self._decay(self._own)         # coordinator applies it again in the round we push into
+                        self._owed = True
+                self.conn.send("push", payload, round=rnd, step=step, base_version=base, decay=decay_wire(self._own))
                 return self._await_aggregate()
             except (TimeoutError, CoordinatorError) as e:
                 timeout = isinstance(e, TimeoutError)
@@ -284,37 +338,52 @@ class CoordinatorTransport:
         self.how_joined = None
         self._step = 0
         self._sent = self._recv = 0
+        self._decay_ops: tuple = ()  # ASPG's weight decay since the last push (set_decay)
 
-    def bind(self, params: list[torch.Tensor]) -> None:
-        """Called by ASPG: join with these parameters' flat weights (seed, replay or snapshot)."""
+    def bind(self, params: list[torch.Tensor], layout=None) -> None:
+        """Called by ASPG: join with these parameters' flat weights (seed, replay or snapshot).
+        `layout` (ASPG's FlatLayout, with its fp32 master copies) is where replayed aggregates and
+        snapshots go, so a resync keeps masters and parameters in step."""
+        from .pipeline import FlatLayout
+
         self.params = params
+        self.layout = layout if layout is not None else FlatLayout(params)
         fp = model_fingerprint((str(i), p.shape, p.dtype) for i, p in enumerate(params))
-        self.how_joined = self.client.join(fp, self._flat(), self._apply, self._load)
+        self.how_joined = self.client.join(fp, self._flat(), self._apply, self._load, self._decay)
+
+    def set_decay(self, ops) -> None:
+        """Called by ASPG before each exchange: the weight decay it applied since the last one."""
+        self._decay_ops = tuple((int(a), int(b), float(f)) for a, b, f in ops)
+
+    def _decay(self, ops) -> None:
+        """W[start:stop] *= factor on the parameters (through their fp32 masters), as ASPG does it."""
+        for start, stop, factor in ops:
+            for p, m, off in zip(self.layout.params, self.layout.masters, self.layout.offsets):
+                lo, hi = max(start, off), min(stop, off + p.numel())
+                if lo >= hi:
+                    continue
+                if m is None:
+                    p.data.view(-1)[lo - off:hi - off].mul_(factor)
+                else:
+                    m.view(-1)[lo - off:hi - off].mul_(factor)
+                    p.data.view(-1)[lo - off:hi - off] = m.view(-1)[lo - off:hi - off].to(p.dtype)
 
     def _flat(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
+        return self.layout.flatten().cpu()
 
     def _apply(self, d: SparseDelta) -> None:
-        from ..compress import split_flat
-
-        layout, off = {}, 0
-        for i, p in enumerate(self.params):
-            layout[i] = (off, tuple(p.shape))
-            off += p.numel()
-        for p, part in zip(self.params, split_flat(d, layout).values()):
-            if part.k:
-                part.add_to(p.data)
+        self.layout.add_sparse(d, 1.0)
 
     def _load(self, flat: torch.Tensor) -> None:
-        off = 0
-        for p in self.params:
-            p.data.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
+        for p, m, view in zip(self.layout.params, self.layout.masters, self.layout.views(flat)):
+            p.data.copy_(view)
+            if m is not None:
+                m.copy_(view)
 
     def all_gather_bytes(self, payload: bytes) -> list[memoryview]:
         s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
         self._step += 1
-        agg = self.client.push(payload, self._step, self._flat)
+        agg = self.client.push(payload, self._step, self._flat, decay=self._decay_ops)
         self._sent = self.client.conn.sent_bytes - s0  # our push, headers included
         self._recv = self.client.conn.recv_bytes - r0  # the aggregate
         return [agg]
@@ -325,7 +394,7 @@ class CoordinatorTransport:
         full = SparseDelta(torch.arange(flat.numel()), flat.detach().float().cpu().clone(), (flat.numel(),))
         s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
         self._step += 1
-        agg = decode(self.client.push(encode(full, "auto", "fp32"), self._step, self._flat))
+        agg = decode(self.client.push(encode(full, "auto", "fp32"), self._step, self._flat, decay=self._decay_ops))
         self._sent, self._recv = self.client.conn.sent_bytes - s0, self.client.conn.recv_bytes - r0
         flat.zero_()
         flat[agg.indices.to(flat.device)] = agg.values.to(flat.device)
@@ -390,9 +459,11 @@ class RolloutClient:
                     raise CoordinatorError("gap", f"rollout v{h['version']} after v{self.version}: reconnect for a snapshot")
                 d = decode(frames[0])
                 if h["kind"] == "bf16_values":
-                    self.weights[d.indices] = d.values.to(torch.bfloat16)
+                    self.weights[d.indices] = d.values.to(torch.bfloat16)  # decayed values included
                 else:
                     w = self.weights.float()
+                    for start, stop, factor in _decay_of(h, self.numel):
+                        w[start:stop].mul_(factor)
                     d.add_to(w)
                     self.weights = w.to(torch.bfloat16)
                 self.version, self.hash = h["version"], h["hash"]

@@ -141,12 +141,12 @@ class ASPG(Optimizer):
         self._residual_views = self.layout.views(self.ef.residuals["flat"])
         self._score_views = self.layout.views(self._score) if self._score is not None else None
         if hasattr(self.transport, "bind"):  # e.g. the coordinator transport: join, seed or sync weights
-            self.transport.bind(self._params)
-            for p, m in zip(self._params, self._masters):  # joined weights may have been replaced
-                if m is not None:
-                    m.copy_(p.detach())
+            self.transport.bind(self._params, self.layout)  # through the layout: masters follow a resync
         self.steps = 0  # replicated: optimizer steps taken
         self.version = 0  # replicated: exchanges applied (the weights version)
+        # replicated: the decoupled decay applied since the last exchange, as flat (start, stop, factor)
+        # ops; a transport with `set_decay` (the coordinator) sends them, so its own copy decays alike
+        self.decay_ops: list[tuple[int, int, float]] = []
         self.last_metrics: dict = {}
 
     # ------------------------------------------------------------------ state
@@ -156,7 +156,8 @@ class ASPG(Optimizer):
                       "residual": self.ef.residuals["flat"].clone(),
                       "score": None if self._score is None else self._score.clone(),
                       "masters": [None if m is None else m.clone() for m in self._masters],
-                      "exchange": self.exchange.state_dict(), "sample_gen": self._sample_gen.get_state()}
+                      "exchange": self.exchange.state_dict(), "sample_gen": self._sample_gen.get_state(),
+                      "decay_ops": list(self.decay_ops)}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -174,6 +175,7 @@ class ASPG(Optimizer):
                 m.copy_(saved)
         self.exchange.load_state_dict(extra["exchange"])
         self.steps, self.version = extra["steps"], extra["version"]
+        self.decay_ops = [tuple(op) for op in extra.get("decay_ops", ())]
         self._sample_gen.set_state(extra["sample_gen"])
 
     @property
@@ -217,6 +219,7 @@ class ASPG(Optimizer):
                     if m is not None:
                         m.mul_(1 - lr * wd)
                         p.copy_(m)
+                self._record_decay([index[id(p)] for p in trainable], 1 - lr * wd)
             ps = [p for p in trainable if p.grad is not None]
             if not ps:
                 continue
@@ -249,6 +252,16 @@ class ASPG(Optimizer):
                     torch._foreach_add_(score, torch._foreach_abs(g32), alpha=1 - beta_ema)
                 else:  # impact: signed EMA, so noise averages out
                     torch._foreach_lerp_(score, g32, 1 - beta_ema)
+
+    def _record_decay(self, param_indices: list[int], factor: float) -> None:
+        """Note `W *= factor` on these parameters as flat ranges (adjacent ones merged: the same multiply)."""
+        for i in param_indices:
+            start, stop = self.layout.offsets[i], self.layout.offsets[i] + self._params[i].numel()
+            last = self.decay_ops[-1] if self.decay_ops else None
+            if last is not None and last[1] == start and last[2] == factor:
+                self.decay_ops[-1] = (last[0], stop, factor)
+            else:
+                self.decay_ops.append((start, stop, factor))
 
     def current_density(self) -> float:
         """This exchange's density: 1 in warm-up; adaptive if configured (agreed across ranks)."""
@@ -284,7 +297,10 @@ class ASPG(Optimizer):
         else:
             k = k_for(self.numel, density)
         flat = self.ef.residuals["flat"]
+        if hasattr(self.transport, "set_decay"):
+            self.transport.set_decay(tuple(self.decay_ops))
         self.exchange.exchange("flat", flat, k, self.layout, select=lambda sel: self._select(sel, k, per_tensor))
+        self.decay_ops.clear()  # carried by this exchange
         self.version += 1
 
     def _select(self, selector, k: int, per_tensor: list[float]) -> SparseDelta:

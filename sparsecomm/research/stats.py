@@ -55,6 +55,13 @@ def _fmt(*xs):
     return (lambda x: f"{x:+.3f}") if scale >= 0.01 or scale == 0 else (lambda x: f"{x:+.2e}")
 
 
+def _direction(enough: bool, ci: tuple[float, float], above: str, below: str, neither: str) -> str:
+    """Which side of 0 a confidence interval lies on, or "inconclusive" without enough data."""
+    if not enough or math.isnan(ci[0]):
+        return "inconclusive"
+    return above if ci[0] > 0 else below if ci[1] < 0 else neither
+
+
 @dataclass(frozen=True)
 class Diff:
     """A difference of means (a - b) with its test."""
@@ -72,9 +79,7 @@ class Diff:
 
     def direction(self) -> str:
         """above | below | same (the 95% CI excludes 0 or not) | inconclusive (n < MIN_N)."""
-        if not self.enough or math.isnan(self.ci[0]):
-            return "inconclusive"
-        return "above" if self.ci[0] > 0 else "below" if self.ci[1] < 0 else "same"
+        return _direction(self.enough, self.ci, "above", "below", "same")
 
     def describe(self) -> str:
         f = _fmt(self.diff, *self.ci)
@@ -183,9 +188,7 @@ class Correlation:
 
     def direction(self) -> str:
         """positive | negative | none (the CI covers 0) | inconclusive (n < MIN_N or no interval)."""
-        if not self.enough or math.isnan(self.ci[0]):
-            return "inconclusive"
-        return "positive" if self.ci[0] > 0 else "negative" if self.ci[1] < 0 else "none"
+        return _direction(self.enough, self.ci, "positive", "negative", "none")
 
     def describe(self) -> str:
         return f"r = {self.r:+.2f} [95% CI {self.ci[0]:+.2f}, {self.ci[1]:+.2f}], {self.test}, n={self.n}, p={self.p:.3g}"

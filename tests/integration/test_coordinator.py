@@ -11,7 +11,7 @@ import zmq
 from sparsecomm import SparseDelta
 from sparsecomm.codec import encode
 from sparsecomm.exchange import CoordinatorClient, CoordinatorError, RolloutClient
-from sparsecomm.exchange.protocol import REASONS, model_fingerprint, pack
+from sparsecomm.exchange.protocol import PROTOCOL_VERSION, REASONS, model_fingerprint, pack
 from tests.integration.coordinator_helpers import running_coordinator, start_trainer, wait_all, weights_digest
 
 pytestmark = pytest.mark.distributed
@@ -151,7 +151,7 @@ def test_bad_input_is_rejected_by_reason_and_counted(tmp_path):
         assert reply(s)["reason"] == "bad_field"
         s.send_multipart([pack("push", worker="liar", round=0, step=1, base_version=0), encode(good)])
         s.send_multipart([pack("push", worker="liar", round=0, step=1, base_version=0, req=7), encode(good)])
-        assert reply(s) == {"v": 1, "op": "ack", "round": 0, "status": "pending", "req": 7}  # a re-send: idempotent
+        assert reply(s) == {"v": PROTOCOL_VERSION, "op": "ack", "round": 0, "status": "pending", "req": 7}  # a re-send: idempotent
         s.send_multipart([pack("push", worker="liar", round=0, step=1, base_version=0), encode(good.with_values(good.values * 2))])
         assert reply(s)["reason"] == "duplicate"  # a different delta for the same round is a conflict
         assert c.state.version == 0  # nothing corrupted the aggregate: the round still waits for "good"

@@ -4,6 +4,10 @@ or the fp32 delta itself (`delta`); a full `anchor` every `anchor_every` version
 
 Patches stay in the shape an inference engine applies in place: flat int32-coded indices and
 exact bf16 values of one tensor (the coordinator's flat weights).
+
+Weight decay touches every weight of a decayed range, so a round with decay compares the whole
+range (not just the aggregate's indices) against the bf16 view; only entries whose bf16 bits
+changed are sent - with a small lr*wd most weights keep their bf16 bits, so the patch stays sparse.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 from ...codec import encode
 from ...delta import SparseDelta
 from .. import chunks
-from ..protocol import pack
+from ..protocol import Decay, decay_wire, pack
 from .state import State
 
 
@@ -26,16 +30,24 @@ class RolloutPublisher:
         w = self.state.weights
         self.bf16_view = w.to(torch.bfloat16) if self.cfg.rollout_bf16 and w is not None else None
 
-    def publish(self, applied: SparseDelta, peers) -> None:
+    def _touched(self, applied: SparseDelta, decay: Decay) -> torch.Tensor:
+        """Flat indices this version may have changed: the aggregate's, and every decayed range."""
+        if not decay:
+            return applied.indices
+        ranges = [torch.arange(a, b, dtype=torch.int64) for a, b, _ in decay]
+        return torch.unique(torch.cat([applied.indices.to(torch.int64), *ranges]))  # sorted, no repeats
+
+    def publish(self, applied: SparseDelta, peers, decay: Decay = ()) -> None:
         """Send this version's change to every in-sync rollout peer (and keep the view current)."""
         st = self.state
         if not peers:
             if self.bf16_view is not None:  # keep the view current for rollout workers that join later
-                self.bf16_view[applied.indices] = st.weights[applied.indices].to(torch.bfloat16)
+                idx = self._touched(applied, decay)
+                self.bf16_view[idx] = st.weights[idx].to(torch.bfloat16)
             return
         if self.cfg.rollout_bf16:
-            # Only entries touched by this aggregate can change; send those whose bf16 bits changed.
-            idx = applied.indices
+            # Only entries touched by this aggregate (or its decay) can change; send those whose bf16 bits changed.
+            idx = self._touched(applied, decay)
             new = st.weights[idx].to(torch.bfloat16)
             changed = new.view(torch.int16) != self.bf16_view[idx].view(torch.int16)
             self.bf16_view[idx] = new
@@ -43,7 +55,7 @@ class RolloutPublisher:
             payload, kind = encode(d, "auto", "bf16"), "bf16_values"
         else:
             payload, kind = encode(applied, "auto", self.cfg.value_codec), "delta"
-        header = pack("rollout", version=st.version, hash=st.hash, kind=kind)
+        header = pack("rollout", version=st.version, hash=st.hash, kind=kind, decay=decay_wire(decay))
         anchor = self.cfg.anchor_every and st.version % self.cfg.anchor_every == 0
         for p in peers:
             self.send(p.identity, header, payload)

@@ -3,7 +3,16 @@ into an aggregate that extends the hash chain.
 
     mean   = mean over contributors of their deltas (union of indices), late deltas folded in
     out    = mean, or top-k(residual + mean) with coordinator-side error feedback (resparsify)
-    W     += decode(encode(out));  version += 1;  hash = sha256(hash || payload)
+    W     *= decay (per flat range);  W += decode(encode(out));  version += 1
+    hash   = sha256(hash || payload || decay)
+
+Weight decay: ASPG decays every replica's weights locally each step (W *= 1 - lr*wd per param
+group, decoupled, never sent as a delta). The coordinator's canonical copy - what late joiners
+get as a snapshot and rollout workers as bf16 patches - must decay the same way, so each push
+names the decay its sender applied since its previous push; all on-time contributors of a round
+must agree (they share lr, wd and step: replicated state), or the push is refused
+(`decay_mismatch`), and the coordinator applies that decay before adding the mean, in the
+trainers' order and with the trainers' fp32 multiply: bit for bit the trainers' weights.
 
 Pushes are idempotent: a worker that re-sends a push (its reply was lost, it timed out, the
 coordinator restarted) is told what already happened to that delta - `ack` while its round is
@@ -22,22 +31,25 @@ from ...codec import CodecError, Limits, decode, encode
 from ...compress import ErrorFeedback, SampledThreshold, k_for
 from ...delta import SparseDelta
 from ..aggregate import mean_of_deltas
-from ..protocol import ProtocolError, chain
+from ..protocol import Decay, ProtocolError, apply_decay, chain, decay_wire
 from .state import Aggregate, State
 
 # A push carries exactly one flat tensor whose codec header is ~150 bytes.
 PUSH_LIMITS = Limits(max_header_bytes=4096, max_tensors=1, max_ndim=1, max_name_chars=64)
 
 
-def digest(payload) -> bytes:
-    """Identifies a payload, so a re-sent push is recognised as the same delta."""
-    return hashlib.blake2b(memoryview(payload).cast("B"), digest_size=16).digest()
+def digest(payload, decay: Decay = ()) -> bytes:
+    """Identifies a push (payload and decay), so a re-sent push is recognised as the same delta."""
+    h = hashlib.blake2b(memoryview(payload).cast("B"), digest_size=16)
+    h.update(repr(decay_wire(decay)).encode())
+    return h.digest()
 
 
 class Rounds:
     def __init__(self, cfg, state: State, metrics):
         self.cfg, self.state, self.metrics = cfg, state, metrics
-        self.pending: dict[str, tuple[SparseDelta, bytes]] = {}  # worker -> (delta, payload digest), this round
+        self.pending: dict[str, tuple[SparseDelta, bytes]] = {}  # worker -> (delta, push digest), this round
+        self.decay: Decay | None = None  # the open round's decay, set by its first push; all others must agree
         self.late: dict[str, tuple[int, SparseDelta, bytes]] = {}  # worker -> (round pushed for, delta, digest)
         self.started: float | None = None  # monotonic time of this round's first push
         self.ef = ErrorFeedback()  # resparsify: the coordinator's residual ("agg")
@@ -56,7 +68,8 @@ class Rounds:
             raise ProtocolError("value_out_of_range", f"|value| {float(d.values.abs().max()):.3g} > {self.cfg.max_abs_value}")
         return d.with_values(d.values.float())
 
-    def push(self, worker: str, rnd: int, base: int, payload, n_trainers: int) -> tuple[str, Aggregate | None]:
+    def push(self, worker: str, rnd: int, base: int, payload, n_trainers: int,
+             decay: Decay = ()) -> tuple[str, Aggregate | None]:
         """Take a trainer's push. Returns what to answer:
         ("pending", None) counted in the open round (the aggregate is the reply);
         ("ack", None)     a re-send of a delta already counted in the open round or the late buffer;
@@ -65,13 +78,18 @@ class Rounds:
         st = self.state
         if rnd > st.round or base > st.version:
             raise ProtocolError("bad_field", f"push for round {rnd} / version {base} from the future (now {st.round} / {st.version})")
-        dg = digest(payload)
+        dg = digest(payload, decay)
         if rnd == st.round and base == st.version:
             if worker in self.pending:
                 if self.pending[worker][1] == dg:
                     return "ack", None
                 raise ProtocolError("duplicate", f"worker {worker!r} already pushed a different delta for round {rnd}")
+            if self.decay is not None and decay != self.decay:
+                raise ProtocolError("decay_mismatch", f"worker {worker!r} decayed its weights by {decay_wire(decay)} "
+                                    f"in round {rnd}, the round's other trainers by {decay_wire(self.decay)}: "
+                                    "lr / weight_decay / step differ between trainers")
             self.pending[worker] = (self.decode(payload), dg)
+            self.decay = decay
             if self.started is None:
                 self.started = time.monotonic()
             return "pending", None
@@ -83,6 +101,9 @@ class Rounds:
             if agg is None:
                 raise ProtocolError("stale", f"round {rnd} is no longer retained")
             return "reply", agg
+        if agg is not None and decay != agg.decay:  # its round decayed the weights differently from this trainer
+            raise ProtocolError("decay_mismatch", f"late push for round {rnd} decayed by {decay_wire(decay)}, "
+                                f"that round's aggregate by {decay_wire(agg.decay)}")
         self.metrics.late.labels(action=self.cfg.late).inc()
         if self.cfg.late == "drop":
             raise ProtocolError("stale", f"round {rnd} already closed (now {st.round}); delta dropped")
@@ -94,6 +115,8 @@ class Rounds:
     def drop(self, worker: str) -> None:
         """A worker left or rejoined from a new connection: its open-round push goes (it will re-push)."""
         self.pending.pop(worker, None)
+        if not self.pending:
+            self.decay = None
 
     # ------------------------------------------------------------------ closing
     def close(self) -> tuple[Aggregate, SparseDelta, bytes | None]:
@@ -113,17 +136,21 @@ class Rounds:
         applied = decode(payload)  # what every replica will apply, bit for bit
         if cfg.resparsify_density > 0:
             self.ef.update("agg", applied)
-        agg = Aggregate(st.version + 1, st.round, st.hash, chain(st.hash, payload), payload, tuple(contributors), tuple(late))
+        decay = self.decay or ()  # agreed by every on-time contributor; late deltas were checked against their round
+        agg = Aggregate(st.version + 1, st.round, st.hash, chain(st.hash, payload, decay), payload, tuple(contributors),
+                        tuple(late), decay)
         self._advance(agg, applied)
         if self.started is not None:
             self.metrics.latency.observe(time.monotonic() - self.started)
         self.pending.clear()
         self.late.clear()
         self.started = None
+        self.decay = None
         return agg, applied, mean_payload
 
     def _advance(self, agg: Aggregate, applied: SparseDelta) -> None:
         st = self.state
+        apply_decay(st.weights, agg.decay)  # first the decay every trainer applied locally, then the mean
         applied.add_to(st.weights)
         st.version, st.hash, st.round = agg.version, agg.hash, agg.round + 1
         st.retained.append(agg)
@@ -136,7 +163,7 @@ class Rounds:
     def replay(self, agg: Aggregate, mean_payload: bytes | None, selector_state: bytes | None) -> bool:
         """Re-apply a journalled round after a restart; False (and nothing changed) if it does not follow."""
         st = self.state
-        if agg.version != st.version + 1 or agg.parent_hash != st.hash or chain(st.hash, agg.payload) != agg.hash:
+        if agg.version != st.version + 1 or agg.parent_hash != st.hash or chain(st.hash, agg.payload, agg.decay) != agg.hash:
             return False
         applied = decode(agg.payload)
         if self.cfg.resparsify_density > 0 and mean_payload is not None:

@@ -27,7 +27,7 @@ import torch
 import zmq
 
 from .. import chunks
-from ..protocol import OPS_IN, ROLES, ProtocolError, field as hfield, genesis_hash, pack, unpack_header
+from ..protocol import OPS_IN, ROLES, ProtocolError, decay_field, field as hfield, genesis_hash, pack, unpack_header
 from .checkpoint import Journal, load_checkpoint, save_checkpoint
 from .config import CoordinatorConfig
 from .metrics import Metrics
@@ -351,9 +351,11 @@ class Coordinator:
         rnd = hfield(h, "round", int, 0, 1 << 62)
         base = hfield(h, "base_version", int, 0, 1 << 62)
         hfield(h, "step", int, 0, 1 << 62)
+        decay = decay_field(h, self.state.numel)  # the weight decay this trainer applied since its last push
         if len(frames) != 1:
             raise ProtocolError("malformed", f"push carries {len(frames)} frames, expected 1")
-        kind, agg = self.rounds.push(worker, rnd, base, frames[0], sum(p.role == "trainer" for p in self.peers.values()))
+        kind, agg = self.rounds.push(worker, rnd, base, frames[0], sum(p.role == "trainer" for p in self.peers.values()),
+                                     decay)
         if kind == "ack":
             self.send(identity, pack("ack", round=rnd, status="pending", req=self._req))
         elif agg is not None:  # "reply" (already counted) or "late" (folded): the aggregate of its round
@@ -401,6 +403,6 @@ class Coordinator:
             if p.role == "trainer" and p.in_sync:
                 self.send(p.identity, header, agg.payload)
                 p.version = agg.version
-        self.rollout.publish(applied, [p for p in self.peers.values() if p.role == "rollout" and p.in_sync])
+        self.rollout.publish(applied, [p for p in self.peers.values() if p.role == "rollout" and p.in_sync], agg.decay)
         if self.state.round % self.cfg.checkpoint_every == 0:
             self.checkpoint()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..protocol import pack
+from ..protocol import Decay, decay_wire, pack
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,12 @@ class Aggregate:
     payload: bytes
     contributors: tuple[str, ...] = ()  # on-time pushes, sorted
     late: tuple[tuple[str, int], ...] = ()  # (worker, round it was pushed for) of folded late deltas
+    decay: Decay = ()  # the round's agreed weight decay, applied before the payload is added
 
     def header(self) -> bytes:
         return pack("aggregate", round=self.round, version=self.version, hash=self.hash, parent_hash=self.parent_hash,
-                    contributors=list(self.contributors), late=[list(x) for x in self.late])
+                    contributors=list(self.contributors), late=[list(x) for x in self.late],
+                    decay=decay_wire(self.decay))
 
     def counts(self, worker: str, rnd: int) -> bool:
         """Does this aggregate include `worker`'s delta pushed for round `rnd`?"""
@@ -33,12 +35,14 @@ class Aggregate:
 
     def to_dict(self) -> dict:
         return {"version": self.version, "round": self.round, "parent_hash": self.parent_hash, "hash": self.hash,
-                "payload": self.payload, "contributors": list(self.contributors), "late": [list(x) for x in self.late]}
+                "payload": self.payload, "contributors": list(self.contributors), "late": [list(x) for x in self.late],
+                "decay": decay_wire(self.decay)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Aggregate":
         return cls(d["version"], d["round"], d["parent_hash"], d["hash"], bytes(d["payload"]),
-                   tuple(d.get("contributors", ())), tuple((w, r) for w, r in d.get("late", ())))
+                   tuple(d.get("contributors", ())), tuple((w, r) for w, r in d.get("late", ())),
+                   tuple((int(a), int(b), float(f)) for a, b, f in d.get("decay", ())))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparsecomm.compress import SELECTORS, ChunkedTopK, RandomK, SampledThreshold, TopK, k_for, make_selector, select_model
+from sparsecomm.compress import SELECTORS, ChunkedTopK, RandomK, SampledThreshold, TopK, k_for, make_selector
 
 
 @pytest.mark.parametrize("name", sorted(SELECTORS))
@@ -89,14 +89,3 @@ def test_bad_arguments():
         SampledThreshold(sample_fraction=0)
 
 
-def test_select_model_global_vs_per_tensor():
-    tensors = {"big": torch.randn(100, 100) * 10, "small": torch.randn(1000)}
-    glob = select_model(tensors, 0.01, TopK(), budget="global")
-    per = select_model(tensors, 0.01, TopK(), budget="per_tensor")
-    assert glob["big"].k + glob["small"].k == 110 and glob["small"].k < 10  # the big-magnitude tensor wins
-    assert per["big"].k == 100 and per["small"].k == 10
-    for name, d in glob.items():
-        assert d.shape == tuple(tensors[name].shape)
-        assert torch.equal(d.values, tensors[name].reshape(-1)[d.indices])
-    with pytest.raises(ValueError, match="budget"):
-        select_model(tensors, 0.01, TopK(), budget="layer")

@@ -26,6 +26,7 @@ error there) before it predicts P = 64 or 512 with cpu_share = 1.
 
     sparsecomm simulate                                   # GPT-2 124M, 1%, P in 8 64 512, 4 links
     sparsecomm simulate --numel 354823168 --density 0.001 --P 8 64 --links-gbps 0.1 1
+    sparsecomm simulate --calibration benchmarks/results/scale.json   # this machine's costs + fitted overhead
 """
 from __future__ import annotations
 
@@ -114,9 +115,11 @@ class Link:
 
 
 def predict(path: str, numel: int, density: float, P: int, link: Link, cal: Calibration, *, cpu_share: float = 1.0,
-            value_bytes: int = 2, index: str = "raw", powersgd_rank: int = 1,
+            cpu_overhead: float = 1.0, value_bytes: int = 2, index: str = "raw", powersgd_rank: int = 1,
             matrices: list[tuple[int, int]] | None = None) -> dict:
-    """Predicted seconds of one exchange on `path`: {"wire_s", "latency_s", "cpu_s", "total_s", "bytes"}."""
+    """Predicted seconds of one exchange on `path`: {"wire_s", "latency_s", "cpu_s", "total_s", "bytes"}.
+    `cpu_overhead` scales the sparse paths' CPU terms: what the per-element costs leave out (framing,
+    Python, the collectives' own CPU), fitted by benchmarks/bench_scale.py against measured CPU seconds."""
     B, a = link.bytes_per_s, link.latency_s
     k = max(1, round(density * numel))
     enc = cal.encode_rice_per_entry if index == "rice" else cal.encode_per_entry
@@ -152,7 +155,7 @@ def predict(path: str, numel: int, density: float, P: int, link: Link, cal: Cali
     else:
         raise ValueError(f"unknown path {path!r}")
     wire = sent / B
-    cpu *= cpu_share
+    cpu *= cpu_share * (cpu_overhead if path in ("allgather", "split") else 1.0)
     return {"wire_s": wire, "latency_s": lat, "cpu_s": cpu, "total_s": wire + lat + cpu, "bytes": sent}
 
 
@@ -163,22 +166,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links-gbps", type=float, nargs="+", default=[0.1, 1, 10, 100])
     p.add_argument("--latency-us", type=float, default=50.0, help="per-message latency (microseconds)")
     p.add_argument("--index", choices=["raw", "rice"], default="raw", help="index codec for the sparse paths")
+    p.add_argument("--cpu-overhead", type=float, default=None,
+                   help="factor on the sparse paths' CPU terms (default: the calibration file's fitted one, else 1)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="JSON written by benchmarks/bench_scale.py (its 'calibration' key); default: measure now (~10 s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    overhead = 1.0
     if args.calibration:
         try:
             data = json.loads(args.calibration.read_text())
             cal = Calibration(**data.get("calibration", data))
+            overhead = float(data.get("cpu_overhead", 1.0))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             print(f"sparsecomm simulate: cannot read a calibration from {args.calibration}: {e}")
             return 2
     else:
         print("calibrating on this machine (one process, one thread) ...", flush=True)
         cal = calibrate()
-    print(json.dumps(asdict(cal)))
+    if args.cpu_overhead is not None:
+        overhead = args.cpu_overhead
+    print(json.dumps({**asdict(cal), "cpu_overhead": overhead}))
     print(f"\none exchange of {args.numel:,} fp32 values at density {args.density:g}, a core per rank; "
           f"predicted seconds (wire + latency + CPU)\n")
     paths = ("dense", "allgather", "split", "powersgd")
@@ -186,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     for gbps in args.links_gbps:
         link = Link(gbps, args.latency_us * 1e-6)
         for P in args.P:
-            t = {p: predict(p, args.numel, args.density, P, link, cal, index=args.index)["total_s"] for p in paths}
+            t = {p: predict(p, args.numel, args.density, P, link, cal, cpu_overhead=overhead, index=args.index)["total_s"]
+                 for p in paths}
             print(f"{gbps:7g} {P:5d} " + " ".join(f"{t[p]:10.3f}" for p in paths) + f"  {min(t, key=t.get)}")
     return 0

@@ -7,7 +7,7 @@ from sparsecomm.cli import main
 def test_demo_runs_small(capsys):
     assert main(["demo", "--numel", "200000", "--density", "0.01", "--steps", "2"]) == 0
     out = capsys.readouterr().out
-    assert "vs dense fp32" in out and "bits/entry" in out and "select_s" in out
+    assert "vs dense fp32" in out and "bits/entry" in out and "select=" in out and "codec auto" in out
 
 
 def test_help_lists_commands():

@@ -174,15 +174,18 @@ def worker_kill(out: Path, until_version: int = 40, kill_at: int = 10, step_slee
         ts = {w: start_trainer(procs, endpoint, out, w, until_version, *pace,
                                *(["--pause-in-push-at", kill_at, "--marker", out / "t3.marker"] if w == "t3" else []))
               for w in workers}
+        # t3's replacement, started ahead and waiting for the kill: a restart costs a join, not an interpreter start
+        spare = start_trainer(procs, endpoint, out, "t3", until_version, *pace, "--resume", "--wait-for", out / "t3.killed")
         wait_for(lambda: (out / "t3.marker").exists(), 120, "t3 to push at the kill version", every_s=0.01)
         time.sleep(0.1)  # the others push too: the round t3 is in may close, its reply never read
         os.kill(ts["t3"].pid, signal.SIGKILL)
         ts["t3"].wait(10)
         v_kill = journal_version(out / "ck")
         ck = torch.load(out / "t3.ckpt", weights_only=False)
-        # restarted at once: while it starts (seconds), the survivors go on - t3 is dropped after
+        # restarted at once: while it loads and joins, the survivors go on - t3 is dropped after
         # the heartbeat timeout, rounds close by quorum + deadline - and it rejoins by snapshot
-        ts["t3"] = start_trainer(procs, endpoint, out, "t3", until_version, *pace, "--resume")
+        (out / "t3.killed").touch()
+        ts["t3"] = spare
         codes = wait_exit(list(ts.values()), 180)
         stop_coordinator(coord)
     finally:
@@ -243,7 +246,7 @@ def _coordinator_run(out: Path, until_version: int, kill_at: int | None) -> dict
     return {**info, "outs": outs, "final_coordinator_version": cc["version"], "hash": cc["hash"], **res}
 
 
-def coordinator_kill(out: Path, until_version: int = 20, kill_at: int = 8) -> dict:
+def coordinator_kill(out: Path, until_version: int = 14, kill_at: int = 7) -> dict:
     ref = _coordinator_run(out / "ref", until_version, None)
     crash = _coordinator_run(out / "crash", until_version, kill_at)
     same = (ref["weights"] is not None and crash["weights"] is not None
@@ -261,9 +264,9 @@ def coordinator_kill(out: Path, until_version: int = 20, kill_at: int = 8) -> di
 
 
 # ---------------------------------------------------------------------- torchrun
-TRAIN_ARGS = ["model=tiny", "task=addition", "task_kwargs={digits: 1}", "sft_steps=20", "rl_steps=16", "prompts_per_step=4",
+TRAIN_ARGS = ["model=tiny", "task=addition", "task_kwargs={digits: 1}", "sft_steps=5", "rl_steps=16", "prompts_per_step=4",
               "grpo.group_size=4", "grpo.max_new_tokens=3", "comm=aspg", "optimizer=aspg", "density=0.05",
-              "eval_size=10", "console_every=100", "dense_baseline_every=0", "checkpoint_every=4", "device=cpu"]
+              "eval_size=5", "console_every=100", "dense_baseline_every=0", "checkpoint_every=4", "device=cpu"]
 
 
 def torchrun(procs: Procs, run_dir: Path, port: int, *extra) -> subprocess.Popen:

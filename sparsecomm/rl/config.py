@@ -43,7 +43,8 @@ PRECISIONS = ("fp32", "bf16")
 TRACKER_MODES = ("fp32", "cpu", "bf16")
 BACKENDS = ("auto", "gloo", "nccl")
 # config keys a resumed run may change: they do not alter what is computed
-RESUME_MAY_CHANGE = ("resume", "rl_steps", "checkpoint_every", "console_every", "metrics_port")
+RESUME_MAY_CHANGE = ("resume", "rl_steps", "checkpoint_every", "console_every", "metrics_port", "tensorboard",
+                     "wandb_project")
 # config.json written by a run carries a `runtime` record (device, versions): a record, not a
 # setting, so loading that file back as a --config skips it
 RECORD_KEYS = ("runtime",)
@@ -134,6 +135,12 @@ class TrainConfig:
     (its index on its node), so every node exposes the same ports."""
     console_every: int = 10
     """Print a console line every N steps (rank 0 only)."""
+    tensorboard: bool = False
+    """Also write every metric to TensorBoard event files in RUN_DIR/tensorboard/rank{R} (needs the
+    `track` extra: tensorboard)."""
+    wandb_project: str = ""
+    """Also log every metric to Weights & Biases under this project, offline into RUN_DIR (""; off;
+    needs the `track` extra: wandb; `wandb sync` uploads later)."""
 
     def __post_init__(self):
         self._coerce_scalars()

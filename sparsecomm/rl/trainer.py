@@ -48,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 from ..dist_utils import shutdown_process_group
-from ..track import CommTracker, ConsoleSink, JsonlSink, PrometheusSink, Recorder, SparsityTracker, StepStats
+from ..track import (CommTracker, ConsoleSink, JsonlSink, PrometheusSink, Recorder, SparsityTracker, StepStats,
+                     TensorBoardSink, WandbSink)
 from ..track.rank import RankTracker, stacked_rank
 from . import build
 from .build import powersgd_bytes  # noqa: F401  (re-exported: benchmarks cite trainer.powersgd_bytes)
@@ -94,7 +95,8 @@ class Trainer:
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     def _make_recorder(self, append: bool) -> Recorder:
-        """JSONL (appending on a resume), console on rank 0, Prometheus when metrics_port >= 0."""
+        """JSONL (appending on a resume), console on rank 0, Prometheus when metrics_port >= 0, TensorBoard
+        and W&B (offline) when asked for."""
         cfg = self.cfg
         sinks = [JsonlSink(self.run_dir / f"stats_rank{self.rank}.jsonl", mode="a" if append else "w")]
         if self.rank == 0:
@@ -104,6 +106,10 @@ class Trainer:
             self.prom = PrometheusSink(port=cfg.metrics_port + local_rank if cfg.metrics_port else 0, rank=self.rank,
                                        run=self.run_dir.name, addr="0.0.0.0" if self.world > 1 else "127.0.0.1")
             sinks.append(self.prom)
+        if cfg.tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir / "tensorboard" / f"rank{self.rank}"))
+        if cfg.wandb_project:
+            sinks.append(WandbSink(project=cfg.wandb_project, run_dir=self.run_dir, name=f"{self.run_dir.name}-rank{self.rank}"))
         return Recorder(sinks)
 
     # ------------------------------------------------------------------ phases

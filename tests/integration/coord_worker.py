@@ -72,10 +72,16 @@ def main():
     ap.add_argument("--resume", action="store_true", help="start from --ckpt")
     ap.add_argument("--pause-in-push-at", type=int, default=-1)
     ap.add_argument("--marker", default=None)
+    ap.add_argument("--wait-for", default=None, help="start (load --ckpt, join) only once this file exists: a "
+                    "replacement started ahead, so a restart costs a join, not a Python + torch start")
     ap.add_argument("--step-sleep-s", type=float, default=0.0, help="pace the steps (stands in for compute time)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     m = model()
+    if a.wait_for:
+        deadline = time.monotonic() + 300
+        while not os.path.exists(a.wait_for) and time.monotonic() < deadline:
+            time.sleep(0.01)
     ck = torch.load(a.ckpt, weights_only=False) if a.resume else None
     if ck is not None:
         m.load_state_dict(ck["model"])

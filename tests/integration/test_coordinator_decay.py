@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -43,17 +44,12 @@ def test_late_joiners_and_rollout_workers_get_the_trainers_decayed_weights(tmp_p
     with running_coordinator(min_trainers=2, heartbeat_timeout_s=60) as c:
         procs = [trainer(c.endpoint, n, tmp_path / f"{n}.json") for n in ("t0", "t1")]
         try:
-            rollout = None
-            for _ in range(200):  # the rollout worker joins once a trainer has seeded the weights
-                try:
-                    rollout = RolloutClient(c.endpoint, "r0", fp, numel, timeout_s=10, heartbeat_s=0.2)
-                    rollout.connect()
-                    break
-                except CoordinatorError as e:
-                    rollout.close()
-                    rollout = None
-                    assert e.reason == "not_ready"
-                    threading.Event().wait(0.05)
+            deadline = time.monotonic() + 120  # trainer processes start slowly on a loaded machine
+            while c.state.weights is None:  # the rollout worker joins once a trainer has seeded the weights
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no trainer seeded"
+                time.sleep(0.05)
+            rollout = RolloutClient(c.endpoint, "r0", fp, numel, timeout_s=10, heartbeat_s=0.2)
+            rollout.connect()
             assert rollout is not None
             while rollout.version < STEPS:
                 rollout.poll(1.0)

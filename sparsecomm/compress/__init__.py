@@ -1,7 +1,7 @@
 """Selection (which entries to send) and error feedback (keep what was not sent)."""
-from .feedback import ErrorFeedback
+from .feedback import ErrorFeedback, subtract_sent_
 from .select import (SELECTORS, ChunkedTopK, RandomK, SampledThreshold, Selector, ThresholdReuse, TopK, k_for,
                      make_selector)
 
-__all__ = ["ErrorFeedback", "SELECTORS", "ChunkedTopK", "RandomK", "SampledThreshold", "Selector", "ThresholdReuse", "TopK",
+__all__ = ["ErrorFeedback", "subtract_sent_", "SELECTORS", "ChunkedTopK", "RandomK", "SampledThreshold", "Selector", "ThresholdReuse", "TopK",
            "k_for", "make_selector"]

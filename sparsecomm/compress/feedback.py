@@ -21,6 +21,14 @@ import torch
 from ..delta import SparseDelta
 
 
+def subtract_sent_(residual: torch.Tensor, sent: SparseDelta) -> None:
+    """residual[i] -= value for every sent entry, in place. index_add_ with alpha=-1 gives exactly
+    residual[i] - value (indices are unique, so it is a plain scatter) at ~2x the speed of an
+    index_put; used by ErrorFeedback.update and by the exchange's commits."""
+    flat = residual.view(-1)
+    flat.index_add_(0, sent.indices.to(flat.device), sent.values.to(flat.device, flat.dtype), alpha=-1)
+
+
 class ErrorFeedback:
     """Per-tensor residual buffers, keyed by name."""
 
@@ -44,9 +52,7 @@ class ErrorFeedback:
         r = self.residuals[name]
         if tuple(r.shape) != sent.shape:
             raise ValueError(f"{name}: sent shape {sent.shape} != residual shape {tuple(r.shape)}")
-        flat = r.view(-1)
-        idx = sent.indices.to(flat.device)
-        flat[idx] = flat[idx] - sent.values.to(flat.device, self.dtype)
+        subtract_sent_(r, sent)
 
     def residual(self, name: str) -> torch.Tensor:
         return self.residuals[name]

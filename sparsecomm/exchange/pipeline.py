@@ -29,7 +29,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..codec import VALUE_CODECS, encode, roundtrip_values
-from ..compress import make_selector
+from ..compress import make_selector, subtract_sent_
 from ..delta import SparseDelta
 from ..track.comm import CommTracker, ring_allreduce_bytes
 from .aggregate import apply_mean_, decode_all
@@ -226,7 +226,7 @@ class SparseExchange:
         c.note(payload_bytes=len(payload))
 
         def commit() -> None:
-            e.index_add_(0, d.indices.to(e.device), d.values.to(e.device, torch.float32), alpha=-1)  # = e[i] - v, exactly
+            subtract_sent_(e, d)
 
         return commit, applied_k
 

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from ..codec import CodecError, encode, roundtrip_values
-from ..compress import SampledThreshold
+from ..compress import SampledThreshold, subtract_sent_
 from ..delta import SparseDelta
 from .aggregate import decode_from
 from .torch_dist import SIZE_BYTES
@@ -177,9 +177,8 @@ class SplitAllReduce:
             o.shape = (self.numel,)
 
         def commit() -> None:
-            # x - v exactly (alpha=-1 is exact); indices are unique, so index_add_ is a plain scatter
-            acc.index_add_(0, out.indices.to(dev), out.values.to(dev, torch.float32), alpha=-1)  # owner error feedback
-            e.index_add_(0, d.indices.to(dev), d.values.to(dev, torch.float32), alpha=-1)  # worker error feedback
+            subtract_sent_(acc, out)  # owner error feedback
+            subtract_sent_(e, d)  # worker error feedback
             if d.k and self.rebalance_every:
                 self.hist += torch.bincount((d.indices.cpu() * self.bins) // max(self.numel, 1), minlength=self.bins)
 

@@ -46,11 +46,12 @@ class TorchDistTransport:
     def _stage(self, name: str, payloads: Sequence[bytes], offsets: Sequence[int]) -> torch.Tensor:
         """Concatenate payloads at `offsets` in one reusable send buffer (one host->device copy)."""
         total = offsets[-1]
-        host = np.empty(total, dtype=np.uint8)
+        buf = self._buffer(name, total)[:total]
+        # on CPU the payloads go straight into the send buffer; on a GPU through one host array
+        host = buf.numpy() if buf.device.type == "cpu" else np.empty(total, dtype=np.uint8)
         for p, off in zip(payloads, offsets):
             host[off:off + len(p)] = np.frombuffer(p, dtype=np.uint8)
-        buf = self._buffer(name, total)[:total]
-        if total:
+        if total and buf.device.type != "cpu":
             buf.copy_(torch.from_numpy(host))
         return buf
 

@@ -132,6 +132,7 @@ class ASPG(Optimizer):
                       for p in self._params]
         self._masters = [p.detach().float().clone() if m else None for p, m in zip(self._params, use_master)]
         self.layout = FlatLayout(self._params, self._masters)
+        self._index = {id(p): i for i, p in enumerate(self._params)}  # parameter -> its slot in the flat layout
         self.numel = self.layout.numel
         device = self._params[0].device if self._params else torch.device("cpu")
         self.ef = ErrorFeedback()
@@ -205,7 +206,7 @@ class ASPG(Optimizer):
     def _local_update(self) -> None:
         """Adam moments and update into the residual (foreach kernels); decoupled weight decay on the weights."""
         beta_ema, importance = self.options["ema_beta"], self.options["importance"]
-        index = {id(p): i for i, p in enumerate(self._params)}
+        index = self._index
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]

@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-0.4
+STAMP := $(VENV)/.installed-0.5
 
 .PHONY: demo demo-codec test constraints clean
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# pin first: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,rl,trl,research]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,rl,trl,research,deepspeed,federated,merge]'
 	touch $@
 
 # Record the current venv's versions as the tested environment (run after the tests passed).

@@ -204,6 +204,7 @@ def worker_kill(out: Path, until_version: int = 40, kill_at: int = 10, step_slee
             "in_flight_delta_counted": "t3" in in_flight.get("contributors", ()),
             "rounds_without_victim": len(missed), "rounds_without_victim_versions": missed,
             "victim_rejoined_at_version": t3.get("joined_at_version"), "victim_rejoined_how": t3.get("joined"),
+            "victim_resume": t3.get("resume"),
             "victim_steps_after_rejoin": t3["steps"] - ck["step"] if t3 else None,
             "final_versions": {w: o["version"] for w, o in outs.items()}, "final_coordinator_version": cc["version"],
             "steps": {w: o["steps"] for w, o in outs.items()},
@@ -344,7 +345,8 @@ def torchrun_kill(out: Path, kill_after_step: int = 8) -> dict:
 # ---------------------------------------------------------------------- report
 def passed(r: dict) -> bool:
     if r["scenario"] == "worker_kill":
-        return r["trainers_bit_identical"] and r["coordinator_equals_trainers"] and r["hashes_agree"]
+        sent_once = r["in_flight_delta_counted"] == bool((r["victim_resume"] or {}).get("counted_rounds"))
+        return r["trainers_bit_identical"] and r["coordinator_equals_trainers"] and r["hashes_agree"] and sent_once
     if r["scenario"] == "coordinator_kill":
         return r["trainers_bit_identical"] and r["equals_uninterrupted_run"] and r["rounds_lost"] == 0
     return r["killed_before_end"] and r["trainers_bit_identical"] and r["equals_uninterrupted_run"]
@@ -355,8 +357,13 @@ def describe(r: dict) -> list:
     if s == "worker_kill":
         resumes = (f"t3 from its step-{r['victim_checkpoint_step']} checkpoint (v{r['victim_checkpoint_version']}), "
                    f"rejoined by {r['victim_rejoined_how']} at v{r['victim_rejoined_at_version']}")
-        lost = (f"t3: 1 local step (its in-flight delta was {'counted in' if r['in_flight_delta_counted'] else 'dropped from'} "
-                f"v{r['victim_checkpoint_version'] + 1}{', and its checkpointed residual still holds it: sent twice' if r['in_flight_delta_counted'] else ''}); "
+        counted = r["in_flight_delta_counted"]
+        fixed = counted == bool((r["victim_resume"] or {}).get("counted_rounds"))  # the restart knew its fate
+        fate = (("subtracted from the restored residual on resume (outbox): sent once" if fixed else
+                 "still in the restored residual: sent twice") if counted else
+                ("left in the restored residual: sent again, once" if fixed else "subtracted though never counted: lost"))
+        lost = (f"t3: 1 local step (its in-flight delta was {'counted in' if counted else 'dropped from'} "
+                f"v{r['victim_checkpoint_version'] + 1}, {fate}); "
                 f"{r['rounds_without_victim']} rounds closed without t3; survivors lost 0")
         agree = f"4 trainers {'=' if r['trainers_bit_identical'] else '!='}; coordinator {'=' if r['coordinator_equals_trainers'] else '!='}"
     elif s == "coordinator_kill":

@@ -2,6 +2,8 @@
 
 One process:          python launch/train.py --config launch/recipes/demo.yaml comm=local
 One node, 2 workers:  torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/demo.yaml
+DeepSpeed (ZeRO):     torchrun --nproc-per-node 2 launch/train.py --config launch/recipes/demo.yaml \\
+                          --config launch/recipes/deepspeed_zero2.yaml      (or the `deepspeed` launcher)
 One GPU:              python launch/train.py --config launch/recipes/demo.yaml comm=local device=cuda
 One node, 8 GPUs:     torchrun --nproc-per-node 8 launch/train.py --config CONFIG   (device=auto: cuda:LOCAL_RANK, NCCL)
 Several nodes:        torchrun --nnodes 8 --node-rank R --nproc-per-node 1 \\
@@ -28,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                    help="a recipe (e.g. launch/recipes/demo.yaml); repeatable, later files win")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the files")
+    # the `deepspeed` launcher passes --local_rank=N (and sets LOCAL_RANK, which is what is read)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return p
 
 

@@ -8,6 +8,7 @@
     sparsecomm matrix --preset quick --out DIR         # research matrix + REPORT.md
     sparsecomm cluster run --hosts 8 --rate-mbit 100 -- launch/train.py --config CONFIG
     sparsecomm simulate --P 8 64 512 --links-gbps 0.1 1 10 100     # scale model of one exchange
+    sparsecomm merge apply --base base/ --deltas a.spd b.spd --method ties --out merged/   # delta merging
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("sparsecomm.cluster.cli", "emulated hosts (network namespaces, shaped links) and torchrun across them"),
     "matrix": ("sparsecomm.research.matrix", "run the research plan's experiment matrix and write REPORT.md with verdicts"),
     "simulate": ("sparsecomm.simulate", "alpha-beta model: predicted exchange time per path for large P and fast links"),
+    "federated": ("sparsecomm.federated.cli", "federated RL over sparse deltas (in-process or Flower simulation)"),
+    "merge": ("sparsecomm.merge", "model merging by sparse deltas: extract, info, apply (sum, task arithmetic; TIES/DARE via mergekit)"),
 }
 
 

@@ -191,7 +191,7 @@ def decode_model(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
         k = _int(e, "k", 0, numel, where)
         ib = _int(e, "ib", 0, len(body), where)
         vb = _int(e, "vb", 0, len(body), where)
-        if vb != k * VALUE_CODECS[e["vc"]].bytes_per_value:
+        if vb != VALUE_CODECS[e["vc"]].value_bytes(k):
             raise CodecError(f"{where}: value block of {vb} bytes cannot hold k={k} {e['vc']} values")
         if e["ic"] == "bitmap" and ib != (numel + 7) // 8:
             raise CodecError(f"{where}: bitmap block of {ib} bytes does not match numel {numel}")

@@ -53,9 +53,11 @@ from ..compress import ErrorFeedback, k_for, make_selector
 from ..track.comm import CommTracker, ring_allreduce_bytes
 from .paths import PATHS, PathChooser
 from .pipeline import DenseSink, SparseExchange
+from .split import OWNER_SHARE
 
 _HYPER = ("density", "selector_name", "index_codec", "value_codec", "dense_fallback", "fallback_margin",
-          "warmup_iterations", "switch", "seed", "paths", "exact", "overlap")
+          "warmup_iterations", "switch", "seed", "paths", "exact", "overlap", "owner_share")
+_ADDED_HYPER_DEFAULTS = {"owner_share": 1.0}
 
 
 class SparseHookState:
@@ -70,7 +72,7 @@ class SparseHookState:
     def __init__(self, process_group=None, density: float = 0.01, selector: str = "reuse", index_codec: str = "auto",
                  value_codec: str = "bf16", dense_fallback: bool = True, fallback_margin: float = 1.0,
                  warmup_iterations: int = 0, switch: str = "volume", seed: int = 0, paths=PATHS, exact: bool = False,
-                 overlap: bool = True):
+                 overlap: bool = True, owner_share: float = OWNER_SHARE):
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if value_codec not in VALUE_CODECS:
@@ -82,7 +84,7 @@ class SparseHookState:
         self.density, self.selector_name, self.index_codec, self.value_codec = density, selector, index_codec, value_codec
         self.dense_fallback, self.fallback_margin, self.warmup_iterations, self.switch, self.seed = (
             dense_fallback, fallback_margin, warmup_iterations, switch, seed)
-        self.paths, self.exact, self.overlap = tuple(paths), exact, overlap
+        self.paths, self.exact, self.overlap, self.owner_share = tuple(paths), exact, overlap, owner_share
         self.process_group = process_group
         self._init_internal()
 
@@ -109,7 +111,7 @@ class SparseHookState:
             self.exchange = SparseExchange(TorchDistTransport(self.process_group), selector=self.selector_name,
                                            index_codec=self.index_codec, value_codec=self.value_codec, paths=paths,
                                            switch=self.switch, exact=self.exact, margin=self.fallback_margin,
-                                           seed=self.seed, comm=self.comm)
+                                           seed=self.seed, comm=self.comm, owner_share=self.owner_share)
             if self._pending is not None:
                 self.exchange.load_state_dict(self._pending)
                 self._pending = None
@@ -124,8 +126,8 @@ class SparseHookState:
 
     def __setstate__(self, state):
         self.process_group = None
-        for name in _HYPER:
-            setattr(self, name, state[name])
+        for name in _HYPER:  # a checkpoint older than a hyperparameter holds its default
+            setattr(self, name, state[name] if name in state else _ADDED_HYPER_DEFAULTS[name])
         self._init_internal()
         self.ef.load_state_dict(state["ef"])
         self.iteration, self._pending, self.layout = state["iteration"], state["exchange"], state["layout"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ..codec import information_floor_bits
 from ..track.comm import ring_allreduce_bytes
+from .split import OWNER_SHARE
 
 PATHS = ("dense", "allgather", "split")
 SWITCH_POLICIES = ("volume", "measured")
@@ -37,7 +38,7 @@ def index_bytes_per_entry(numel: int, k: int, index_codec: str) -> float:
 
 
 def predicted_bytes(path: str, numel: int, k: int, world_size: int, value_bytes: int, index_codec: str = "auto",
-                    exact: bool = False) -> float:
+                    exact: bool = False, owner_share: float = OWNER_SHARE) -> float:
     """Bytes one worker sends for one exchange on `path` (the module docstring's formulas)."""
     P = world_size
     if P <= 1:
@@ -52,12 +53,12 @@ def predicted_bytes(path: str, numel: int, k: int, world_size: int, value_bytes:
         if exact:  # the owners' union, fp32 values
             union = min(P * k, numel) / P
             return phase1 + (P - 1) * (union * (index_bytes_per_entry(numel, k, index_codec) + 4) + HEADER_BYTES)
-        return 2 * phase1
+        return phase1 + (P - 1) * (owner_share * k / P * b + HEADER_BYTES)
     raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
 
 
 def choose_path(numel: int, k: int, world_size: int, value_bytes: int, *, candidates=PATHS, index_codec: str = "auto",
-                exact: bool = False, margin: float = 1.0) -> str:
+                exact: bool = False, margin: float = 1.0, owner_share: float = OWNER_SHARE) -> str:
     """The candidate that moves the fewest bytes; dense wins only if the best sparse path moves more
     than `margin` x its volume. k = numel (density 1) is dense; one worker sends its delta as is."""
     sparse = [c for c in PATHS if c in candidates and c != "dense"]
@@ -65,7 +66,7 @@ def choose_path(numel: int, k: int, world_size: int, value_bytes: int, *, candid
         return "dense"
     if world_size == 1:  # one worker (or the coordinator, which aggregates): send the delta itself
         return sparse[0]
-    vol = {c: predicted_bytes(c, numel, k, world_size, value_bytes, index_codec, exact) for c in sparse}
+    vol = {c: predicted_bytes(c, numel, k, world_size, value_bytes, index_codec, exact, owner_share) for c in sparse}
     best = min(sparse, key=lambda c: (vol[c], PATHS.index(c)))
     if "dense" in candidates and vol[best] > margin * predicted_bytes("dense", numel, k, world_size, value_bytes):
         return "dense"
@@ -84,7 +85,7 @@ class PathChooser:
     """
 
     def __init__(self, policy: str = "volume", candidates=PATHS, margin: float = 1.0, probe_every: int = 50,
-                 ema: float = 0.5, index_codec: str = "auto", exact: bool = False):
+                 ema: float = 0.5, index_codec: str = "auto", exact: bool = False, owner_share: float = OWNER_SHARE):
         if policy not in SWITCH_POLICIES:
             raise ValueError(f"switch policy must be one of {SWITCH_POLICIES}, got {policy!r}")
         if probe_every < 2 or margin <= 0 or not 0 < ema <= 1:
@@ -94,14 +95,14 @@ class PathChooser:
         if not candidates or bad:
             raise ValueError(f"path candidates must be among {PATHS} (optionally 'path:codec'), got {list(candidates)}")
         self.policy, self.candidates, self.margin, self.probe_every, self.ema = policy, candidates, margin, probe_every, ema
-        self.index_codec, self.exact = index_codec, exact
+        self.index_codec, self.exact, self.owner_share = index_codec, exact, owner_share
         self.time_s: dict[str, float] = {}
         self.decisions = 0
 
     def choose(self, numel: int, k: int, world_size: int, value_bytes: int) -> str:
         paths = tuple(dict.fromkeys(c.split(":")[0] for c in self.candidates))
         by_volume = choose_path(numel, k, world_size, value_bytes, candidates=paths, index_codec=self.index_codec,
-                                exact=self.exact, margin=self.margin)
+                                exact=self.exact, margin=self.margin, owner_share=self.owner_share)
         if self.policy == "volume" or by_volume == "dense" or world_size == 1:
             return next(c for c in self.candidates if c.split(":")[0] == by_volume)
         timed = [c for c in self.candidates if c.split(":")[0] != "dense" or "dense" in paths]

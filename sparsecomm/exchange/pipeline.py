@@ -34,7 +34,7 @@ from ..delta import SparseDelta
 from ..track.comm import CommTracker, ring_allreduce_bytes
 from .aggregate import apply_mean_, decode_all
 from .paths import PATHS, PathChooser
-from .split import SplitAllReduce
+from .split import OWNER_SHARE, SplitAllReduce
 from .transport import LocalTransport
 
 
@@ -117,14 +117,16 @@ class SparseExchange:
     Hyperparameters: `paths` the candidates the switch may pick ("dense", "allgather", "split";
     leave out "dense" to never fall back), `switch` ("volume": fewest predicted bytes; "measured":
     also time the candidates), `exact` (split path without owner re-sparsification), the codecs,
-    `selector` (name; one stateful instance per key), `rebalance_every` (split shard bounds).
+    `selector` (name; one stateful instance per key), `rebalance_every` (split shard bounds),
+    `owner_share` (split path: each owner sends owner_share x k/P entries of its summed shard).
     State (checkpointable, `state_dict`): per key the selector's generator and threshold, the
     chooser's timings, and the split path's bounds and owner residual.
     """
 
     def __init__(self, transport=None, *, selector: str = "reuse", index_codec: str = "auto", value_codec: str = "bf16",
                  paths: Sequence[str] = PATHS, switch: str = "volume", exact: bool = False, margin: float = 1.0,
-                 probe_every: int = 50, rebalance_every: int = 10, seed: int = 0, comm: CommTracker | None = None):
+                 probe_every: int = 50, rebalance_every: int = 10, seed: int = 0, comm: CommTracker | None = None,
+                 owner_share: float = OWNER_SHARE):
         if value_codec not in VALUE_CODECS:
             raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
         make_selector(selector)  # validates the name
@@ -133,11 +135,12 @@ class SparseExchange:
         candidates = [f"{p}:{c}" for p in paths for c in (("raw", "auto") if measured_codecs and p != "dense" else (None,))]
         candidates = [c.removesuffix(":None") for c in candidates]
         self.chooser_args = dict(policy=switch, candidates=candidates, margin=margin, probe_every=probe_every,
-                                 index_codec=index_codec, exact=exact)
+                                 index_codec=index_codec, exact=exact, owner_share=owner_share)
         PathChooser(**self.chooser_args)  # validates
         self.transport = transport or LocalTransport()
         self.selector_name, self.index_codec, self.value_codec = selector, index_codec, value_codec
         self.exact, self.rebalance_every, self.seed, self.switch = exact, rebalance_every, seed, switch
+        self.owner_share = owner_share
         self.comm = comm or CommTracker()
         self.keys: dict[str, dict] = {}  # per buffer: selector, chooser, split state
 
@@ -157,7 +160,7 @@ class SparseExchange:
         if st["split"] is None:
             tr = self.transport
             st["split"] = SplitAllReduce(st["numel"], tr.world_size, tr.rank, exact=self.exact,
-                                         rebalance_every=self.rebalance_every,
+                                         rebalance_every=self.rebalance_every, owner_share=self.owner_share,
                                          owner_selector=make_selector("reuse", seed=self.seed + 7919 * (tr.rank + 1)))
         return st["split"]
 

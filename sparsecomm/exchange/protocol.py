@@ -6,7 +6,9 @@ the codec's payloads (sparsecomm.codec wire format) or raw little-endian weight 
 (chunks.py: {index, total, offset}, at most CHUNK_BYTES each).
 
 Client -> coordinator
-    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, hash}
+    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, hash, [pushed_since]}
+                pushed_since: a trainer restarted from a checkpoint asks which of its pushes for
+                rounds >= pushed_since were counted (its outbox, zmq_client.py): see welcome
     init        {worker, index, total, offset}            + fp32 chunk   (first trainer seeds W0)
     push        {worker, round, step, base_version, decay} + delta payload (flat, shape (numel,))
                 decay: [[start, stop, factor], ...] the decoupled weight decay this trainer applied
@@ -19,7 +21,9 @@ Client -> coordinator
     leave       {worker}
 
 Coordinator -> client
-    welcome     {version, hash, round, numel, need_init, need_sync, need_snapshot}
+    welcome     {version, hash, round, numel, need_init, need_sync, need_snapshot, [counted, known_from]}
+                counted: the rounds >= pushed_since whose aggregate counts (or will count) this
+                trainer's push; a round before known_from is older than every retained aggregate
     aggregate   {round, version, hash, parent_hash, contributors, late, decay} + payload
                 contributors: workers whose on-time deltas it averages; late: [[worker, round], ...]
                 whose late deltas were folded in. Together they name every delta in the mean.
@@ -29,7 +33,7 @@ Coordinator -> client
     rollout     {version, hash, kind: "bf16_values"|"delta", decay}              + payload
                 (decay only matters for kind "delta": bf16_values already carry decayed values)
     anchor      {version, hash, index, total, offset, dtype}                    + chunk
-    snapshot    {version, hash, index, total, offset}                           + fp32 chunk
+    snapshot    {version, hash, round, index, total, offset}                    + fp32 chunk
     synced      {version, hash, count}  (after count `aggregate` replays)
     error       {reason, detail}        reason is one of REASONS (counted by the coordinator)
 

@@ -42,6 +42,7 @@ import zmq
 from ..codec import decode
 from ..delta import SparseDelta
 from . import chunks
+from .outbox import Outbox
 from .protocol import (REPLY_LIMITS, Decay, chain, decay_field, decay_wire, genesis_hash, model_fingerprint, pack,
                        unpack_header)
 
@@ -168,13 +169,17 @@ class CoordinatorClient:
                  curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
         self.conn = _Connection(endpoint, worker_id, "trainer", timeout_s, heartbeat_s, curve, context)
         self.version, self.hash, self.round, self.numel = 0, "", 0, 0
+        self.counted: set[int] = set()  # join(pushed_since=...): rounds whose aggregate counts our push
+        self.known_from = 0
         self._own: Decay = ()  # the decay of the outstanding push
         self._owed = False  # our weights carry `_own`, not yet matched by an aggregate we applied
 
-    def join(self, fingerprint: str, flat: torch.Tensor, apply, load, decay=None) -> str:
-        """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'."""
+    def join(self, fingerprint: str, flat: torch.Tensor, apply, load, decay=None, pushed_since: int | None = None) -> str:
+        """Returns how the worker got in sync: 'seeded', 'in_sync', 'replayed' or 'snapshot'.
+        `pushed_since`: also ask which of our pushes for rounds >= it were counted (a restart
+        from a checkpoint); the answer lands in `counted` (set of rounds) and `known_from`."""
         self._rejoin_args = (fingerprint, apply, load, decay)
-        how, _ = self._join(flat)
+        how, _ = self._join(flat, pushed_since=pushed_since)
         return how
 
     def _decay(self, decay: Decay) -> None:
@@ -192,7 +197,8 @@ class CoordinatorClient:
             raise CoordinatorError("decay_mismatch", "the coordinator's weights decay, but this client has no decay callback")
         fn(decay)
 
-    def _join(self, flat: torch.Tensor, pending_round: int | None = None) -> tuple[str, memoryview | None]:
+    def _join(self, flat: torch.Tensor, pending_round: int | None = None,
+              pushed_since: int | None = None) -> tuple[str, memoryview | None]:
         """Join; with `pending_round`, a push for that round is outstanding: if a replayed aggregate
         already counts it, that replay is not applied here but returned, as the push's result
         (its decay already applied: the caller adds only the payload)."""
@@ -205,9 +211,11 @@ class CoordinatorClient:
         deadline = time.monotonic() + self.conn.timeout_s
         while True:  # another trainer may still be seeding the weights: wait for it
             self.conn.send("join", role="trainer", fingerprint=fingerprint, numel=self.numel, version=self.version,
-                           hash=self.hash)
+                           hash=self.hash, **({} if pushed_since is None else {"pushed_since": pushed_since}))
             try:
                 h, _ = self._expect("welcome")
+                if pushed_since is not None:
+                    self.counted, self.known_from = set(h["counted"]), int(h["known_from"])
                 break
             except CoordinatorError as e:
                 if e.reason != "not_ready" or time.monotonic() > deadline:
@@ -285,10 +293,12 @@ class CoordinatorClient:
                 return payload
             # "ack": our re-sent push is counted, its aggregate follows; older aggregates: duplicates
 
-    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 4, decay: Decay = ()) -> memoryview:
+    def push(self, payload: bytes, step: int, get_flat=None, attempts: int = 4, decay: Decay = (),
+             record=None) -> memoryview:
         """Send this worker's delta for the current round; return the round's verified aggregate payload.
         `decay`: the weight decay this worker applied to its weights since its previous push (it
-        already did; the caller adds only the returned payload).
+        already did; the caller adds only the returned payload). `record(round)` is called
+        before each send, with the round the push goes into (the outbox writes it down).
 
         Error feedback already counts the delta as sent, so it must be applied exactly once:
         after a timeout the same push is re-sent (idempotent on the coordinator); if the
@@ -308,6 +318,8 @@ class CoordinatorClient:
                     if self._own and not self._owed:  # a replay or snapshot used up our local decay, but the
                         self._decay(self._own)         # coordinator applies it again in the round we push into
                         self._owed = True
+                if record is not None:
+                    record(rnd)
                 self.conn.send("push", payload, round=rnd, step=step, base_version=base, decay=decay_wire(self._own))
                 return self._await_aggregate()
             except (TimeoutError, CoordinatorError) as e:
@@ -332,8 +344,13 @@ class CoordinatorTransport:
 
     world_size, rank = 1, 0
 
-    def __init__(self, endpoint: str, worker_id: str, **client_kw):
+    def __init__(self, endpoint: str, worker_id: str, outbox: str | None = None, **client_kw):
         self.client = CoordinatorClient(endpoint, worker_id, **client_kw)
+        # with `outbox` (a file beside the checkpoints), a restart from a checkpoint finds out which
+        # pushes made after it were counted, and they leave the residual (outbox.py): none twice
+        self.outbox = Outbox(outbox) if outbox else None
+        self._delivered: list[SparseDelta] = []
+        self.resume_report: dict | None = None
         self.params: list[torch.Tensor] = []
         self.how_joined = None
         self._step = 0
@@ -349,7 +366,8 @@ class CoordinatorTransport:
         self.params = params
         self.layout = layout if layout is not None else FlatLayout(params)
         fp = model_fingerprint((str(i), p.shape, p.dtype) for i, p in enumerate(params))
-        self.how_joined = self.client.join(fp, self._flat(), self._apply, self._load, self._decay)
+        since = self.outbox.first_round() if self.outbox is not None else None
+        self.how_joined = self.client.join(fp, self._flat(), self._apply, self._load, self._decay, pushed_since=since)
 
     def set_decay(self, ops) -> None:
         """Called by ASPG before each exchange: the weight decay it applied since the last one."""
@@ -383,7 +401,7 @@ class CoordinatorTransport:
     def all_gather_bytes(self, payload: bytes) -> list[memoryview]:
         s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
         self._step += 1
-        agg = self.client.push(payload, self._step, self._flat, decay=self._decay_ops)
+        agg = self._push(payload)
         self._sent = self.client.conn.sent_bytes - s0  # our push, headers included
         self._recv = self.client.conn.recv_bytes - r0  # the aggregate
         return [agg]
@@ -394,20 +412,54 @@ class CoordinatorTransport:
         full = SparseDelta(torch.arange(flat.numel()), flat.detach().float().cpu().clone(), (flat.numel(),))
         s0, r0 = self.client.conn.sent_bytes, self.client.conn.recv_bytes
         self._step += 1
-        agg = decode(self.client.push(encode(full, "auto", "fp32"), self._step, self._flat, decay=self._decay_ops))
+        agg = decode(self._push(encode(full, "auto", "fp32")))
         self._sent, self._recv = self.client.conn.sent_bytes - s0, self.client.conn.recv_bytes - r0
         flat.zero_()
         flat[agg.indices.to(flat.device)] = agg.values.to(flat.device)
+
+    def _push(self, payload: bytes) -> memoryview:
+        step, box = self._step, self.outbox
+        record = None if box is None else (lambda rnd: box.append(step, rnd, payload))
+        return self.client.push(payload, step, self._flat, decay=self._decay_ops, record=record)
 
     def wire_bytes(self, sizes) -> tuple[int, int]:
         return self._sent, self._recv
 
     def state_dict(self) -> dict:
-        """What a checkpoint needs: the push counter. Versions and hashes come from the coordinator at join."""
+        """What a checkpoint needs: the push counter. Versions and hashes come from the coordinator at
+        join. Call it when checkpointing: the outbox then knows the checkpoint holds this step."""
+        if self.outbox is not None:
+            self.outbox.checkpointed(self._step)
         return {"step": self._step}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from a checkpoint's state (after `bind`, whose join asked the coordinator about our
+        outbox): the deltas pushed after that checkpoint and counted go to `take_delivered()`."""
         self._step = int(state["step"])
+        if self.outbox is None:
+            return
+        counted, unknown, again = [], [], []
+        for rnd, payload in self.outbox.since(self._step):
+            # a round older than every retained aggregate closed long ago, almost surely with our
+            # push in it (rounds close on the pushes that arrived): assumed counted, and said so
+            fate = counted if rnd in self.client.counted else unknown if rnd < self.client.known_from else again
+            fate.append(rnd)
+            if fate is not again:
+                self._delivered.append(decode(payload))
+        if unknown:
+            log.warning("outbox: pushes for rounds %s are older than the coordinator retains (from round %d): "
+                        "assumed counted; raise the coordinator's --retain above the checkpoint interval",
+                        unknown, self.client.known_from)
+        self.resume_report = {"after_step": self._step, "counted_rounds": counted, "assumed_counted_rounds": unknown,
+                              "not_counted_rounds": again}
+        log.info("resume from step %d: pushes since counted in rounds %s (leave the residual), not counted in %s "
+                 "(sent again)", self._step, counted + unknown, again)
+
+    def take_delivered(self) -> list[SparseDelta]:
+        """The deltas a restart found already counted by the coordinator, once: ASPG removes them from
+        its residual, as the process that pushed them did when their aggregate arrived."""
+        out, self._delivered = self._delivered, []
+        return out
 
     def max_over_ranks(self, value: float) -> float:
         return value

@@ -62,10 +62,11 @@ import torch
 from torch.optim import Optimizer
 
 from ..codec import VALUE_CODECS
-from ..compress import ErrorFeedback, k_for
+from ..compress import ErrorFeedback, k_for, subtract_sent_
 from ..delta import SparseDelta
 from ..exchange.paths import PATHS, SWITCH_POLICIES
 from ..exchange.pipeline import FlatLayout, SparseExchange
+from ..exchange.split import OWNER_SHARE
 from ..exchange.transport import LocalTransport, Transport
 from ..track.comm import CommTracker
 
@@ -81,6 +82,7 @@ class ASPG(Optimizer):
                  selector: str = "reuse", index_codec: str = "auto", value_codec: str = "bf16",
                  dense_fallback: bool = True, fallback_margin: float = 1.0, switch: str = "volume",
                  probe_every: int = 50, paths: tuple[str, ...] = PATHS, exact: bool = False, rebalance_every: int = 10,
+                 owner_share: float = OWNER_SHARE,
                  master_weights: bool | None = None, transport: Transport | None = None,
                  dense_baseline_every: int = 0, seed: int = 0):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
@@ -106,13 +108,14 @@ class ASPG(Optimizer):
                             importance=importance, ema_beta=ema_beta, selector=selector, index_codec=index_codec,
                             value_codec=value_codec, dense_fallback=dense_fallback, fallback_margin=fallback_margin,
                             switch=switch, probe_every=probe_every, paths=list(paths), exact=exact,
-                            rebalance_every=rebalance_every)
+                            rebalance_every=rebalance_every, owner_share=owner_share)
         self.transport = transport or LocalTransport()
         self.comm = CommTracker(dense_baseline_every, getattr(self.transport, "group", None))
         self.exchange = SparseExchange(self.transport, selector="randomk" if importance == "random" else selector,
                                        index_codec=index_codec, value_codec=value_codec, paths=paths, switch=switch,
                                        exact=exact, margin=fallback_margin, probe_every=probe_every,
-                                       rebalance_every=rebalance_every, seed=seed, comm=self.comm)
+                                       rebalance_every=rebalance_every, seed=seed, comm=self.comm,
+                                       owner_share=owner_share)
         self._sample_gen = torch.Generator().manual_seed(seed + 1)
 
         # One flat fp32 buffer holds every parameter's residual (and importance score), so a
@@ -298,6 +301,8 @@ class ASPG(Optimizer):
         else:
             k = k_for(self.numel, density)
         flat = self.ef.residuals["flat"]
+        for d in getattr(self.transport, "take_delivered", list)():  # a restart's pushes the coordinator
+            subtract_sent_(flat, d)                                   # already counted leave, as sent
         if hasattr(self.transport, "set_decay"):
             self.transport.set_decay(tuple(self.decay_ops))
         self.exchange.exchange("flat", flat, k, self.layout, select=lambda sel: self._select(sel, k, per_tensor))

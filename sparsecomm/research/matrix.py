@@ -108,7 +108,7 @@ PRESETS = {
                            "rank_stack=8")),
 }
 COMMON = ("task=addition", "task_kwargs={digits: 1}", "comm=local", "console_every=1000000", "per_param_stats=false",
-          "tracker_mode=fp32")
+          "tracker_mode=fp32", "whole_run_rank=true")  # W_end - W_start rank + token bound in every summary.json
 
 
 def hf_model_available(name: str) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -148,9 +149,13 @@ HOOKS: dict[str, Callable] = {"hook": _sparse_hook, "powersgd": _powersgd_hook}
 DDP_KWARGS: dict[str, dict] = {"powersgd": {"bucket_cap_mb": 10_000}}
 
 
-def build_rl_model(cfg: TrainConfig, model, device: torch.device, rank: int, world: int, saved_hook_state=None):
-    """The model the measured phase runs (DDP-wrapped for DDP modes) and its comm-hook state."""
-    if cfg.comm not in DDP_COMMS or world == 1:
+def build_rl_model(cfg: TrainConfig, model, device: torch.device, rank: int, world: int, saved_hook_state=None,
+                   mesh=None):
+    """The model the measured phase runs (DDP-wrapped for DDP modes, fully_shard-ed over `mesh` for
+    engine=fsdp2) and its comm-hook state."""
+    if cfg.engine == "fsdp2" and world > 1:
+        return wrap_fsdp2(cfg, model, mesh or fsdp2_mesh(cfg))
+    if cfg.comm not in DDP_COMMS or world == 1 or cfg.engine == "deepspeed":  # DeepSpeed wraps it itself
         return model, None
     m = wrap_ddp(model, device, world, **DDP_KWARGS.get(cfg.comm, {}))
     if cfg.comm not in HOOKS:
@@ -158,6 +163,49 @@ def build_rl_model(cfg: TrainConfig, model, device: torch.device, rank: int, wor
     state, hook = HOOKS[cfg.comm](cfg, rank, saved_hook_state)
     m.register_comm_hook(state, hook)
     return m, state
+
+
+def fsdp2_mesh(cfg: TrainConfig):
+    """engine=fsdp2: the ("replicate", "shard") mesh of `mesh` (RxS; "" = WORLDx1), checked against the world
+    size and the processes per host on every rank (collective)."""
+    from ..integrations.fsdp import hsdp_mesh
+
+    return hsdp_mesh(cfg.mesh or f"{dist.get_world_size()}x1")
+
+
+def wrap_fsdp2(cfg: TrainConfig, model, mesh):
+    """engine=fsdp2: fully_shard each transformer block and the root over the mesh's shard dimension, then
+    the sparse cross-replica all-reduce (comm=hook), or over the whole 2-D mesh: native HSDP (comm=ddp)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..integrations.fsdp import install_sparse_hsdp
+
+    over = mesh["shard"] if cfg.comm == "hook" else mesh
+    for block in getattr(getattr(model, "transformer", None), "h", []):  # GPT-2's blocks; other models: root only
+        fully_shard(block, mesh=over)
+    fully_shard(model, mesh=over)
+    if cfg.comm != "hook":
+        return model, None
+    return model, install_sparse_hsdp(model, mesh, density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed)
+
+
+class LocalShards:
+    """A model as the trackers see it under FSDP2: this rank's local shard of every parameter (an alias of
+    the DTensor's local tensor, so the optimizer's in-place updates reach it) beside its module structure
+    (for layer kinds). Sparsity is then per rank, over its own shard."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def local(p):
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    def named_modules(self):
+        return self.model.named_modules()
+
+    def named_parameters(self):
+        return ((name, self.local(p)) for name, p in self.model.named_parameters())
 
 
 # ------------------------------------------------------------------ optimizer and transport
@@ -170,7 +218,9 @@ def _torch_dist_transport(cfg: TrainConfig, rank: int):
 def _coordinator_transport(cfg: TrainConfig, rank: int):
     from ..exchange import CoordinatorTransport
 
-    return CoordinatorTransport(cfg.coordinator, f"trainer-{rank}")
+    # with checkpoints, an outbox beside them: a restarted trainer never sends a counted delta twice
+    outbox = Path(cfg.run_dir) / f"outbox_rank{rank}.msgpack" if cfg.checkpoint_every else None
+    return CoordinatorTransport(cfg.coordinator, f"trainer-{rank}", outbox=outbox)
 
 
 # comm mode -> ASPG's transport (comm=aspg in one process needs none: nothing to exchange)
@@ -229,6 +279,64 @@ def build_optimizer(cfg: TrainConfig, model, rank: int, world: int, device: torc
     return OPTIMIZER_BUILDERS[cfg.optimizer](cfg, param_groups(cfg, model), rank, world, device)
 
 
+# ------------------------------------------------------------------ DeepSpeed (engine=deepspeed)
+class DeepSpeedStep:
+    """The trainer's optimizer interface over a DeepSpeed engine: backward and step go through it.
+
+    `last_metrics` are ASPG's (comm=aspg) or the compressed reduction's (comm=hook); DeepSpeed's
+    own dense path counts nothing (WIRE_BYTES' ring formula stands for it)."""
+
+    def __init__(self, engine, comm_state):
+        self.engine, self.comm_state = engine, comm_state
+
+    def zero_grad(self) -> None:
+        """engine.step() clears the gradients itself."""
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def last_metrics(self) -> dict:
+        return getattr(self.comm_state, "last_metrics", {})
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config of a recipe: `deepspeed_config`'s JSON, then what the recipe decides."""
+    from ..integrations.deepspeed import load_config
+
+    ds = load_config(cfg.deepspeed_config) if cfg.deepspeed_config else {}
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)  # the trainer makes its own batches; DeepSpeed only asserts it
+    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed 0.19.8 clips at 1.0 unless told; the ddp engine does not clip
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds["gradient_accumulation_steps"] = 1
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    if cfg.optimizer == "adamw":
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.rl_lr, "torch_adam": True}}  # no FusedAdam build
+    return ds
+
+
+def build_deepspeed(cfg: TrainConfig, model, rank: int, world: int, device: torch.device):
+    """(engine, DeepSpeedStep, the communication state) for the measured phase (engine=deepspeed)."""
+    import deepspeed
+
+    from ..integrations import deepspeed as sds
+    from .config import DEEPSPEED_COMMS
+
+    sds.check_version()
+    os.environ.setdefault("LOCAL_RANK", str(local_rank()))
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
+    comm = DEEPSPEED_COMMS[cfg.comm]
+    optimizer = build_optimizer(cfg, model, rank, world, device) if cfg.optimizer == "aspg" else None
+    state = sds.SparseReduceState(density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed + rank) \
+        if comm == "sparse_grad" else None
+    engine = sds.initialize(model, deepspeed_config(cfg), optimizer=optimizer, comm=comm, state=state)
+    comm_state = getattr(engine, "sparsecomm_state", None)
+    return engine, DeepSpeedStep(engine, comm_state), comm_state if comm == "sparse_grad" else None
+
+
 # ------------------------------------------------------------------ communication metrics
 def powersgd_bytes(model, rank: int, world: int, step: int, start_iter: int = 2) -> int:
     """Per-worker ring all-reduce volume of PyTorch's PowerSGD hook (a formula, not a count): dense
@@ -275,7 +383,7 @@ def comm_metrics(cfg: TrainConfig, *, opt, hook_state, comm_tracker, model, worl
             out.update(hook_state.last_metrics)
         elif world > 1:
             out.update(WIRE_BYTES.get(cfg.comm, WIRE_BYTES["ddp"])(cfg, model, world, step, numel))
-        comm_tracker.dense_baseline(step, list(model.parameters()))
+        comm_tracker.dense_baseline(step, [LocalShards.local(p) for p in model.parameters()])  # FSDP2: local shards
         out.update({k: v for k, v in comm_tracker.collect(numel, 4, world).items() if k.startswith("timing/dense")})
         out["timing/backward_with_comm_s"] = backward_s
     out["comm/dense_equiv_bytes"] = ring_allreduce_bytes(numel, 4, world)

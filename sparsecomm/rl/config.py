@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,16 @@ COMMS = {
     "hook": "DDP + sparsecomm's sparse top-k comm hook at `density`, with `optimizer`",
     "powersgd": "DDP + PyTorch's PowerSGD hook (rank `powersgd_rank`, one bucket), with `optimizer`",
 }
+# training engine -> what runs the measured phase; sparsecomm.rl.build holds the constructors
+ENGINES = {
+    "ddp": "plain torch: DDP for the DDP comm modes, ASPG's own exchange otherwise",
+    "deepspeed": "a DeepSpeed engine at `zero_stage` (sparsecomm.integrations.deepspeed): comm=aspg (ZeRO-0, ASPG "
+                 "exchanges in step), comm=hook (ZeRO-0/1/2, compressed gradient reduction), comm=ddp (DeepSpeed's own)",
+    "fsdp2": "torch FSDP2 (fully_shard) over `mesh` RxS (sparsecomm.integrations.fsdp): comm=hook (sparse "
+             "cross-replica all-reduce at `density`), comm=ddp (native HSDP); ASPG is refused",
+}
+# comm mode -> how a DeepSpeed engine communicates (sparsecomm.integrations.deepspeed.COMMS)
+DEEPSPEED_COMMS = {"aspg": "aspg", "hook": "sparse_grad", "ddp": "dense"}
 ASPG_COMMS = ("aspg", "coordinator")  # ASPG communicates inside step(): it needs optimizer=aspg
 DDP_COMMS = ("ddp", "hook", "powersgd")  # DDP communicates in backward(): ASPG would communicate twice
 OPTIMIZERS = ("aspg", "adamw", "sgd", "adafactor")
@@ -130,6 +141,14 @@ class TrainConfig:
     """Continue from RUN_DIR's checkpoint (same config): exact, the warm start is not repeated."""
     eval_size: int = 200
     """Held-out prompts for the greedy exact-match accuracy before and after the measured phase."""
+    heldout_fraction: float = 0.0
+    """> 0: this fraction of the task's prompt space (by a fixed hash of the prompt) is held out: no
+    training split contains those prompts and the eval set is `eval_size` distinct prompts drawn from
+    them only (asserted disjoint at start). 0: eval prompts are drawn independently and may overlap."""
+    whole_run_rank: bool = False
+    """Measure the whole run's update W_end - W_start per matrix (stable / entropy / numerical rank,
+    a same-shape random baseline, changed fraction fp32 and bf16 view) with the token bound (tokens
+    seen by all ranks) into the summary (sparsecomm.research.update_rank)."""
     metrics_port: int = -1
     """Prometheus port (0: any free port; -1: off). Each process serves on metrics_port + its LOCAL_RANK
     (its index on its node), so every node exposes the same ports."""
@@ -141,6 +160,16 @@ class TrainConfig:
     wandb_project: str = ""
     """Also log every metric to Weights & Biases under this project, offline into RUN_DIR (""; off;
     needs the `track` extra: wandb; `wandb sync` uploads later)."""
+    engine: str = "ddp"
+    """What runs the measured phase, one of ENGINES: ddp (plain torch) | deepspeed | fsdp2."""
+    zero_stage: int = 0
+    """engine=deepspeed: the ZeRO stage, 0 | 1 | 2 | 3 (ASPG needs 0; the compressed reduction 0-2)."""
+    deepspeed_config: str = ""
+    """engine=deepspeed: a DeepSpeed JSON config merged under the one built from this recipe
+    (zero_stage, a micro batch of 1, no clipping; "" for none), e.g. launch/recipes/deepspeed_zero2.json."""
+    mesh: str = ""
+    """engine=fsdp2: RxS, R replica groups x S shards (S=1: plain replication; S must divide the processes
+    per host, so shards stay inside a host); "" means WORLDx1."""
 
     def __post_init__(self):
         self._coerce_scalars()
@@ -170,8 +199,15 @@ class TrainConfig:
             raise ValueError("comm=coordinator needs coordinator=tcp://HOST:PORT")
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        _one_of("engine", self.engine, ENGINES)
+        if self.engine == "deepspeed":
+            self._check_deepspeed()
+        if self.engine == "fsdp2":
+            self._check_fsdp2()
         if self.sft_steps < 0 or self.rl_steps < 0 or self.prompts_per_step < 1 or self.sft_batch < 1:
             raise ValueError("steps must be >= 0 and batch sizes >= 1")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.dense_baseline_every < 0 or self.console_every < 1 or self.eval_size < 1:
             raise ValueError("need dense_baseline_every >= 0, console_every >= 1, eval_size >= 1")
         from .losses import GRPOConfig
@@ -180,6 +216,50 @@ class TrainConfig:
             GRPOConfig(**self.grpo)
         except TypeError as e:  # an unknown grpo.* key
             raise ValueError(f"grpo: {e} (fields: group_size, max_new_tokens, temperature, clip_eps, beta)") from None
+
+    def _check_deepspeed(self) -> None:
+        """engine=deepspeed: the combinations sparsecomm.integrations.deepspeed supports, refused with the reason."""
+        from ..integrations.deepspeed import check_version
+
+        try:
+            check_version()  # installed and in the tested range, before any process group exists
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.comm not in DEEPSPEED_COMMS:
+            raise ValueError(f"engine=deepspeed supports comm {tuple(DEEPSPEED_COMMS)} (aspg: ASPG's exchange; hook: "
+                             f"compressed gradient reduction; ddp: DeepSpeed's own), got comm={self.comm!r}")
+        if self.comm == "aspg" and self.zero_stage != 0:
+            raise ValueError(f"engine=deepspeed comm=aspg needs zero_stage=0, got {self.zero_stage}: ASPG's moments and "
+                             "residual are per worker for every parameter; ZeRO >= 1 partitions optimizer state (use "
+                             "comm=hook optimizer=adamw for ZeRO-1/2)")
+        if self.comm == "hook" and self.zero_stage == 3:
+            raise ValueError("engine=deepspeed comm=hook supports zero_stage 0, 1, 2 (ZeRO-3's reduce-scatter is not "
+                             "taken over); use comm=ddp for dense ZeRO-3")
+        if self.optimizer not in ("aspg", "adamw"):
+            raise ValueError(f"engine=deepspeed supports optimizer aspg or adamw, got {self.optimizer!r}")
+        if self.precision == "bf16" and self.optimizer != "aspg":
+            raise ValueError("engine=deepspeed with precision=bf16 is supported with ASPG only (its fp32 masters); "
+                             "for AdamW put bf16 in the deepspeed_config instead")
+        if self.lora_rank or self.checkpoint_every or self.resume or self.kind_density:
+            raise ValueError("engine=deepspeed does not support lora_rank, checkpoint_every, resume or kind_density "
+                             "in the trainer yet (sparsecomm.integrations.deepspeed.save_checkpoint works on an engine)")
+
+    def _check_fsdp2(self) -> None:
+        """engine=fsdp2: what the trainer supports with FSDP2, refused with the reason (before any process group)."""
+        if self.mesh and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.mesh):
+            raise ValueError(f"mesh must be RxS (replica groups x shards, e.g. 2x2), got {self.mesh!r}")
+        if self.optimizer == "aspg" or self.comm in ASPG_COMMS:
+            raise ValueError("engine=fsdp2 does not run ASPG: under FSDP2 each rank holds DTensor shards, while ASPG's "
+                             "exchange and fp32 masters work on whole parameters; the sparse error-feedback exchange "
+                             "runs on the gradient shards instead (comm=hook optimizer=adamw|sgd)")
+        if self.comm not in ("hook", "ddp"):
+            raise ValueError(f"engine=fsdp2 supports comm=hook (sparse HSDP) or comm=ddp (native HSDP), got {self.comm!r}")
+        if self.lora_rank or self.kind_density or self.checkpoint_every or self.resume or self.precision != "fp32":
+            raise ValueError("engine=fsdp2 in the trainer supports fp32 full fine-tuning without trainer checkpoints "
+                             "(no lora_rank, kind_density, checkpoint_every, resume, precision=bf16); checkpoints go "
+                             "through torch.distributed.checkpoint and SparseFSDPState.state_dict()")
 
     def _coerce_scalars(self) -> None:
         """Python callers may pass numbers as strings (a YAML 1.1 loader reads 1e-5 as one): convert

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -103,10 +104,43 @@ def make_task(name: str, **kw):
     return TASKS[name](**kw)
 
 
-def datasets(task, seed: int, n_pretrain: int = 2000, n_sft: int = 2000, n_rl: int = 2000) -> dict[str, list[Example]]:
+def datasets(task, seed: int, n_pretrain: int = 2000, n_sft: int = 2000, n_rl: int = 2000,
+             heldout_fraction: float = 0.0) -> dict[str, list[Example]]:
+    """Training examples from `seed`. With heldout_fraction > 0, prompts in the held-out part of the
+    prompt space (`is_heldout`) are skipped: no training split ever contains an evaluation prompt."""
     rng = random.Random(seed)
-    return {split: [task.example(rng) for _ in range(n)] for split, n in
-            (("pretrain", n_pretrain), ("sft", n_sft), ("rl", n_rl))}
+
+    def draw() -> Example:
+        while True:
+            ex = task.example(rng)
+            if not is_heldout(ex.prompt, heldout_fraction):
+                return ex
+
+    return {split: [draw() for _ in range(n)] for split, n in (("pretrain", n_pretrain), ("sft", n_sft), ("rl", n_rl))}
+
+
+def is_heldout(prompt: str, fraction: float) -> bool:
+    """Whether `prompt` lies in the held-out part of the prompt space: a fixed hash of the prompt text
+    (CRC-32, the same in every process and run), so the split needs no list and holds for any seed."""
+    return fraction > 0 and zlib.crc32(prompt.encode()) % 10_000 < round(fraction * 10_000)
+
+
+def heldout_set(task, seed: int, n: int, fraction: float, max_draws: int = 1_000_000) -> list[Example]:
+    """`n` distinct held-out prompts (greedy exact-match evaluation set), disjoint from every training
+    split that `datasets(..., heldout_fraction=fraction)` draws. Refuses a task whose held-out part
+    has fewer than n distinct prompts within max_draws draws."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1) for a held-out set, got {fraction}")
+    rng, seen, out = random.Random(seed), set(), []
+    for _ in range(max_draws):
+        ex = task.example(rng)
+        if ex.prompt not in seen and is_heldout(ex.prompt, fraction):
+            seen.add(ex.prompt)
+            out.append(ex)
+            if len(out) == n:
+                return out
+    raise ValueError(f"only {len(out)} distinct held-out prompts of {task.name} found in {max_draws} draws "
+                     f"(wanted {n}): raise heldout_fraction or pick a larger task")
 
 
 # ------------------------------------------------------------------------------- rewards

@@ -56,7 +56,7 @@ from .build import powersgd_bytes  # noqa: F401  (re-exported: benchmarks cite t
 from .config import COMMS, OPTIMIZERS, PHASES, PRECISIONS, RESUME_MAY_CHANGE, TrainConfig  # noqa: F401  (re-exported)
 from .losses import GRPOConfig, evaluate, grpo_loss, pretrain_loss, sft_loss
 from .models import build_model, char_tokenizer
-from .tasks import datasets, make_reward, make_task
+from .tasks import datasets, heldout_set, make_reward, make_task
 
 
 class Trainer:
@@ -68,6 +68,8 @@ class Trainer:
         self.rank, self.world = build.init_distributed(self.backend, self.device)
         if cfg.comm == "local" and self.world > 1:
             raise ValueError("comm=local with several processes: pick aspg, coordinator, ddp, hook or powersgd")
+        # engine=fsdp2: the RxS mesh is checked against the world and the hosts now, on every rank, not after SFT
+        self.mesh = build.fsdp2_mesh(cfg) if cfg.engine == "fsdp2" and self.world > 1 else None
         torch.manual_seed(cfg.seed)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +78,15 @@ class Trainer:
             (self.run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "runtime": self.runtime}, indent=2))
         self.task = make_task(cfg.task, **cfg.task_kwargs)
         self.reward = make_reward(cfg.reward)
-        self.data = datasets(self.task, seed=cfg.seed + 1000 * self.rank)  # each rank its own prompts
-        self.eval_set = datasets(self.task, seed=10**6 + cfg.seed, n_pretrain=0, n_sft=0, n_rl=cfg.eval_size)["rl"]
+        # each rank its own prompts; with heldout_fraction > 0 none of them is an eval prompt on any rank
+        self.data = datasets(self.task, seed=cfg.seed + 1000 * self.rank, heldout_fraction=cfg.heldout_fraction)
+        if cfg.heldout_fraction > 0:
+            self.eval_set = heldout_set(self.task, 10**6 + cfg.seed, cfg.eval_size, cfg.heldout_fraction)
+            seen = {ex.prompt for split in self.data.values() for ex in split}
+            if any(ex.prompt in seen for ex in self.eval_set):  # by construction; checked because results rest on it
+                raise RuntimeError("held-out eval prompts found in the training data")
+        else:
+            self.eval_set = datasets(self.task, seed=10**6 + cfg.seed, n_pretrain=0, n_sft=0, n_rl=cfg.eval_size)["rl"]
         tok = char_tokenizer() if cfg.model in ("tiny", "small", "medium") else None
         self.model, self.tok = build_model(cfg.model, tok, seed=cfg.seed)  # same init on every rank (made on the CPU)
         self.model.to(self.device)
@@ -136,16 +145,26 @@ class Trainer:
         cfg = self.cfg
         if cfg.phase == "rl":
             batch = rng.sample(self.data["rl"], cfg.prompts_per_step)
-            return grpo_loss(model, ref, self.tok, self.task, batch, self.reward, self.grpo, self.gen)
+            loss, m = grpo_loss(model, ref, self.tok, self.task, batch, self.reward, self.grpo, self.gen)
+            G = self.grpo.group_size  # every sampled sequence: its prompt and completion positions enter the forward
+            m["train/batch_tokens"] = G * (self._tokens(e.prompt for e in batch) + len(batch) * m["train/completion_tokens"])
+            return loss, m
         batch = rng.sample(self.data[cfg.phase], cfg.sft_batch)
         loss = (sft_loss if cfg.phase == "sft" else pretrain_loss)(model, self.tok, batch)
-        return loss, {"train/loss": float(loss.detach())}
+        tokens = self._tokens(e.prompt + e.answer for e in batch) + len(batch)  # + <eos> each
+        return loss, {"train/loss": float(loss.detach()), "train/batch_tokens": float(tokens)}
+
+    def _tokens(self, texts) -> int:
+        return sum(len(self.tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
     def _checkpoint_path(self) -> Path:
         return self.run_dir / f"checkpoint_rank{self.rank}.pt"
 
-    def _save_checkpoint(self, step: int, opt, ref, hook_state, rng: random.Random) -> None:
-        state = {"step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+    def _save_checkpoint(self, step: int, opt, ref, hook_state, rng: random.Random, whole=None) -> None:
+        transport = getattr(opt, "transport", None)  # the coordinator's: push counter and outbox mark
+        state = {"whole_run": None if whole is None else {"start": whole.start, "tokens": whole.tokens},
+                 "step": step, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
+                 "transport": transport.state_dict() if hasattr(transport, "state_dict") else None,
                  "ref": ref.state_dict() if ref is not None else None, "hook_state": hook_state,
                  "rng": rng.getstate(), "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -204,22 +223,29 @@ class Trainer:
             self.summary.update(ck["summary"])
             self.summary["runtime"] = self.runtime  # what the resumed part ran on
             start = ck["step"]
-        model, hook_state = build.build_rl_model(cfg, self.model, self.device, self.rank, self.world,
-                                                 None if ck is None else ck["hook_state"])
-        opt = build.build_optimizer(cfg, self.model, self.rank, self.world, self.device)
+        if cfg.engine == "deepspeed":  # the engine runs backward and step; opt is its DeepSpeedStep
+            model, opt, hook_state = build.build_deepspeed(cfg, self.model, self.rank, self.world, self.device)
+        else:
+            model, hook_state = build.build_rl_model(cfg, self.model, self.device, self.rank, self.world,
+                                                     None if ck is None else ck["hook_state"], mesh=self.mesh)
+            opt = build.build_optimizer(cfg, self.model, self.rank, self.world, self.device)
         rng = random.Random(cfg.seed + 31 * self.rank)
         if ck is not None:
             opt.load_state_dict(ck["optimizer"])
+            if ck.get("transport") is not None:  # after the optimizer: the outbox's counted pushes leave its residual
+                opt.transport.load_state_dict(ck["transport"])
             rng.setstate(ck["rng"])
             self.gen.set_state(ck["gen"])
             torch.set_rng_state(ck["torch_rng"])
             if ck.get("cuda_rng") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
-        tracker = SparsityTracker(self.model, mode=cfg.tracker_mode, k_steps=cfg.k_steps, per_param=cfg.per_param_stats,
+        tracked = build.LocalShards(self.model) if cfg.engine == "fsdp2" else self.model  # DTensors: local shards
+        tracker = SparsityTracker(tracked, mode=cfg.tracker_mode, k_steps=cfg.k_steps, per_param=cfg.per_param_stats,
                                   hot_window=cfg.hot_window, hot_definition=cfg.hot_definition if cfg.hot_window else None)
         ranks = RankTracker(self.model, every=cfg.rank_every) if cfg.rank_every else None
         stack: list[torch.Tensor] = []  # the plan's stacked method: the last rank_stack flattened gradients
         comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0)
+        whole = self._whole_run_rank(ck)
         numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # what is communicated
         for step in range(start + 1, cfg.rl_steps + 1):
             self._sync()
@@ -228,12 +254,15 @@ class Trainer:
             opt.zero_grad()
             self._sync()
             t1 = time.perf_counter()
-            loss.backward()  # DDP modes communicate here
+            getattr(opt, "backward", torch.Tensor.backward)(loss)  # DDP modes communicate here (DeepSpeed's engine too)
             self._sync()
             t2 = time.perf_counter()
             stats = StepStats(step=step, rank=self.rank, world_size=self.world, run=self.run_dir.name, metrics=m)
-            if ranks is not None:
-                stats.update(self._ranks(ranks, stack, step))
+            if ranks is not None:  # a DDP gradient is already the sum over every rank's tokens
+                tokens = m["train/batch_tokens"] * (self.world if cfg.comm in ("ddp", "hook", "powersgd") else 1)
+                stats.update(self._ranks(ranks, stack, step, round(tokens)))
+            if whole is not None:
+                whole.observe_tokens(round(m["train/batch_tokens"]))
             opt.step()  # ASPG communicates here
             stats.update(tracker.step(lr=cfg.rl_lr))
             stats.update(build.comm_metrics(cfg, opt=opt, hook_state=hook_state, comm_tracker=comm, model=self.model,
@@ -242,18 +271,41 @@ class Trainer:
             stats.update({"timing/step_s": time.perf_counter() - t0, "train/phase": cfg.phase})
             self.recorder.record(stats)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                self._save_checkpoint(step, opt, ref, hook_state, rng)
+                self._save_checkpoint(step, opt, ref, hook_state, rng, whole)
         if tracker.hot is not None:
             tracker.hot.save(self.run_dir / f"hot_maps_rank{self.rank}.npz")
         self.summary["eval_accuracy_after_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set, self.grpo.max_new_tokens)
+        self.summary["eval_heldout_fraction"] = cfg.heldout_fraction  # 0: eval prompts may overlap training
+        if whole is not None:
+            self.summary["whole_run_rank"] = self._finish_whole_run_rank(whole)
 
-    def _ranks(self, ranks: RankTracker, stack: list, step: int) -> dict:
+    def _whole_run_rank(self, ck: dict | None):
+        """W_start snapshot for the whole-run update rank (from the checkpoint on a resume)."""
+        if not self.cfg.whole_run_rank:
+            return None
+        from ..research.update_rank import WholeRunRank
+
+        whole = WholeRunRank(self.model)
+        if ck is not None and ck.get("whole_run") is not None:
+            whole.start, whole.tokens = ck["whole_run"]["start"], ck["whole_run"]["tokens"]
+        return whole
+
+    def _finish_whole_run_rank(self, whole) -> dict:
+        """The token bound counts every rank's tokens: the replicas apply the mean of all workers' updates
+        (without a process group, e.g. coordinator workers, this worker's tokens only)."""
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            t = torch.tensor([float(whole.tokens)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            whole.tokens = int(t.item())
+        return whole.finish()
+
+    def _ranks(self, ranks: RankTracker, stack: list, step: int, tokens: int | None = None) -> dict:
         """Per-matrix gradient rank every rank_every steps, and the plan's stacked-gradient SVD over
         the rank_stack steps leading up to it (bounded by rank_stack by construction)."""
         k = self.cfg.rank_stack
         if step % ranks.every == 0 or step % ranks.every > ranks.every - k:
             stack.append(torch.cat([p.grad.detach().float().reshape(-1) for p in ranks.params.values() if p.grad is not None]))
-        out = ranks.observe_gradients(step, tokens=None)
+        out = ranks.observe_gradients(step, tokens=tokens)
         if out:
             out.update(stacked_rank(stack[-k:]))
             stack.clear()
@@ -324,5 +376,6 @@ def summarize(jsonl: Path, window: int = 25) -> dict:
            "sparsity_bf16_view": mean("sparsity/bf16_view/global", rows),
            "sent_bytes_total": sum(r.get("comm/sent_bytes", 0) for r in rows),
            "dense_equiv_bytes_total": sum(r.get("comm/dense_equiv_bytes", 0) for r in rows),
-           "exchange_s_mean": mean("timing/exchange_s", rows), "dense_allreduce_s_mean": mean("timing/dense_allreduce_s", rows)}
+           "exchange_s_mean": mean("timing/exchange_s", rows), "dense_allreduce_s_mean": mean("timing/dense_allreduce_s", rows),
+           "batch_tokens_mean": mean("train/batch_tokens", rows)}  # per rank per step: the per-step gradient rank bound
     return out

@@ -59,7 +59,7 @@ def _scenarios(rank, ws):
     d = SparseDelta(idx, torch.randn(200, generator=g).bfloat16().float(), (10_000,))
     res["uneven"] = one_exchange(split, tr, d, 200)[0], d
     # re-sparsified: each owner sends ceil(k/P) entries of its summed shard, keeps the rest
-    split = SplitAllReduce(10_000, ws, rank, exact=False, owner_selector=TopK())
+    split = SplitAllReduce(10_000, ws, rank, exact=False, owner_selector=TopK(), owner_share=1.0)
     d = delta_of(rank, 10_000, 300, 2)
     out, e = one_exchange(split, tr, d, 300, value="fp32")
     acc = torch.zeros(10_000)
@@ -67,6 +67,28 @@ def _scenarios(rank, ws):
     acc[lo:hi] = split.acc
     dist.all_reduce(acc)  # every owner's residual, placed at its shard
     res["resparsified"] = out, acc, int(torch.count_nonzero(out))
+    # owner_share 2 (the default): each owner sends 2 x ceil(k/P) of its sum: more of the union applied
+    split = SplitAllReduce(10_000, ws, rank, exact=False, owner_selector=TopK(), owner_share=2.0)
+    out, e = one_exchange(split, tr, d, 300, value="fp32")
+    acc = torch.zeros(10_000)
+    acc[split.shard[0]:split.shard[1]] = split.acc
+    dist.all_reduce(acc)
+    res["share2"] = out, acc, int(torch.count_nonzero(out))
+    # int8 values: each shard piece is quantised with its own scale; what leaves every worker's
+    # residual must be what its owners decoded (summed over ranks: sent == applied x P + owners' residuals)
+    split = SplitAllReduce(10_000, ws, rank, exact=False, owner_selector=TopK())
+    e = torch.randn(10_000, generator=torch.Generator().manual_seed(50 + rank))
+    d = roundtrip_values(TopK().select(e, 300), "int8")
+    e_before, out = e.clone(), torch.zeros(10_000)
+    owners, alpha, commit = split.exchange(tr, e, d, 300, "auto", "int8", CommTracker())
+    for o in owners:
+        o.add_to(out, alpha)
+    commit()
+    acc, sent = torch.zeros(10_000), e_before - e
+    acc[split.shard[0]:split.shard[1]] = split.acc
+    dist.all_reduce(acc)
+    dist.all_reduce(sent)
+    res["int8"] = out, acc, sent
     # a corrupt phase-1 piece from the last rank: every rank raises, nothing committed anywhere
     split = SplitAllReduce(10_000, ws, rank, exact=True)
     d = delta_of(rank, 10_000, 300, 3)
@@ -116,6 +138,11 @@ def test_split_all_reduce_against_dense_references(tmp_path, world_size):
         if P in (2, 4):  # x 1/P and x P are exact: then bit for bit
             assert torch.equal(out * P + owner_res, total)
         assert nnz <= P * -(-300 // P) and nnz < int(torch.count_nonzero(total))
+        out8, owner_res8, sent8 = r["int8"]
+        torch.testing.assert_close(out8 * P + owner_res8, sent8, rtol=0, atol=1e-5)
+        out2, owner_res2, nnz2 = r["share2"]
+        torch.testing.assert_close(out2 * P + owner_res2, total, rtol=0, atol=1e-6)
+        assert nnz < nnz2 <= P * -(-600 // P)  # twice the share: more entries applied this exchange
         assert f"rank {P - 1}" in r["corrupt"] or "refused a phase-1 piece" in r["corrupt"], r["corrupt"]
         assert r["corrupt_state"] == (True, 0)  # worker residual untouched, owner accumulator restored
         assert r["sizes"] != "no error"

@@ -85,7 +85,8 @@ def main():
     ck = torch.load(a.ckpt, weights_only=False) if a.resume else None
     if ck is not None:
         m.load_state_dict(ck["model"])
-    tr = CoordinatorTransport(a.endpoint, a.worker, timeout_s=a.timeout_s, heartbeat_s=0.2,
+    tr = CoordinatorTransport(a.endpoint, a.worker, outbox=a.ckpt + ".outbox" if a.ckpt else None,
+                              timeout_s=a.timeout_s, heartbeat_s=0.2,
                               curve=tuple(a.curve) if a.curve else None)
     opt = ASPG(param_groups(m, a.weight_decay), lr=1e-2, density=0.05, value_codec="fp32", transport=tr,
                weight_decay=a.weight_decay,
@@ -118,7 +119,7 @@ def main():
     with open(a.out, "w") as f:
         json.dump({"digest": digest(m), "version": tr.client.version, "hash": tr.client.hash, "joined": tr.how_joined,
                    "joined_at_version": joined_at, "resumed_from_step": start if ck is not None else None,
-                   "steps": step, "metrics": opt.last_metrics}, f)
+                   "steps": step, "metrics": opt.last_metrics, "resume": tr.resume_report}, f)
     torch.save({n: p.detach().clone() for n, p in m.named_parameters()}, a.out + ".weights.pt")
     tr.close()
 

@@ -3,6 +3,11 @@ fresh objects (model, ASPG, CoordinatorTransport), train M", bit for bit, weight
 
 The transport's own state is only its push counter (`state_dict`); version, hash and round are
 re-derived from the coordinator when the fresh transport joins, which this test exercises.
+
+A trainer killed after pushing past its checkpoint resumes with a residual that still holds the
+pushed deltas; its outbox (exchange/outbox.py) and the coordinator's answer at join decide which
+leave the residual. The ledger checked: (W - W_checkpoint) + residual == residual_checkpoint,
+i.e. every delta is either in the weights or in the residual, exactly once.
 """
 import io
 
@@ -23,8 +28,8 @@ def model():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
 
 
-def build(endpoint, m):
-    tr = CoordinatorTransport(endpoint, "t0", timeout_s=20, heartbeat_s=0.2)
+def build(endpoint, m, outbox=None):
+    tr = CoordinatorTransport(endpoint, "t0", timeout_s=20, heartbeat_s=0.2, outbox=outbox)
     return tr, ASPG(m.parameters(), lr=1e-2, density=0.1, value_codec="fp32", transport=tr)
 
 
@@ -69,3 +74,87 @@ def test_resume_through_the_coordinator_is_bit_exact():
         for a, b in zip(straight, m2.parameters()):
             assert torch.equal(a, b.detach())
         tr2.close()
+
+
+def flat(m) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+def crash_after_checkpoint(c, outbox, after: int):
+    """Train N steps, checkpoint, push `after` more deltas, die (no leave); return the checkpoint."""
+    m = model()
+    tr, opt = build(c.endpoint, m, outbox)
+    steps(m, opt, 0, N)
+    ck = torch.load(io.BytesIO(snapshot({"model": m.state_dict(), "opt": opt.state_dict(),
+                                         "transport": tr.state_dict()})), weights_only=False)
+    steps(m, opt, N, after)
+    tr.client.conn.close(leave=False)  # kill -9: the pushes are counted, the process and its residual gone
+    return ck
+
+
+def resume(endpoint, ck, outbox):
+    m = model()
+    m.load_state_dict(ck["model"])
+    tr, opt = build(endpoint, m, outbox)
+    opt.load_state_dict(ck["opt"])
+    tr.load_state_dict(ck["transport"])
+    return m, tr, opt
+
+
+def ledger_after_one_exchange(m, opt, ck_weights):
+    """(W - W_checkpoint) + residual after one step that adds no update (lr 0): only the resume's
+    subtraction and the exchange move deltas between residual and weights."""
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    steps(m, opt, 100, 1)
+    return flat(m) - ck_weights + opt.ef.residuals["flat"]
+
+
+def test_a_restart_never_sends_a_counted_delta_twice(tmp_path):
+    with running_coordinator() as c:
+        ck = crash_after_checkpoint(c, tmp_path / "t0.outbox", after=2)
+        ck_weights = torch.cat([v.reshape(-1) for v in ck["model"].values()])
+        ck_residual = ck["opt"]["aspg"]["residual"]
+        m, tr, opt = resume(c.endpoint, ck, tmp_path / "t0.outbox")
+        # the coordinator counted both pushes after the checkpoint (rounds N and N+1)
+        assert tr.resume_report == {"after_step": N, "counted_rounds": [N, N + 1], "assumed_counted_rounds": [],
+                                    "not_counted_rounds": []}
+        assert tr.client.version == N + 2 and torch.equal(flat(m), c.state.weights)  # rejoined at the coordinator's
+        led = ledger_after_one_exchange(m, opt, ck_weights)
+        torch.testing.assert_close(led, ck_residual, rtol=0, atol=1e-6)
+        # what a restart without the outbox would have sent again: the ledger would be off by it
+        pushed = sum(torch.zeros_like(ck_residual).index_add_(0, *decode_pair(a.payload)) for a in list(c.state.retained)[N:N + 2])
+        assert float(pushed.abs().max()) > 1e-3
+        tr.close()
+
+
+def test_pushes_the_coordinator_lost_stay_in_the_residual(tmp_path):
+    with running_coordinator() as c:
+        ck = crash_after_checkpoint(c, tmp_path / "t0.outbox", after=2)
+    with running_coordinator() as c:  # a coordinator without durable state: it never saw those rounds
+        m, tr, opt = resume(c.endpoint, ck, tmp_path / "t0.outbox")
+        assert tr.how_joined == "seeded" and tr.resume_report["not_counted_rounds"] == [N, N + 1]
+        assert tr.resume_report["counted_rounds"] == [] and tr.take_delivered() == []
+        ck_weights = torch.cat([v.reshape(-1) for v in ck["model"].values()])
+        led = ledger_after_one_exchange(m, opt, ck_weights)
+        torch.testing.assert_close(led, ck["opt"]["aspg"]["residual"], rtol=0, atol=1e-6)
+        tr.close()
+
+
+def test_a_fresh_run_starts_a_new_outbox(tmp_path):
+    with running_coordinator() as c:
+        crash_after_checkpoint(c, tmp_path / "t0.outbox", after=1)
+    with running_coordinator() as c:
+        m = model()
+        tr, opt = build(c.endpoint, m, tmp_path / "t0.outbox")  # no load_state_dict: not a resume
+        steps(m, opt, 0, 1)
+        recs = tr.outbox.records()
+        assert [(r["base"], r["step"], r["round"]) for r in recs] == [(-1, 1, 0)]
+        tr.close()
+
+
+def decode_pair(payload):
+    from sparsecomm.codec import decode
+
+    d = decode(payload)
+    return d.indices, d.values.float()

@@ -112,6 +112,20 @@ class Rounds:
         self.late[worker] = (rnd, self.decode(payload), dg)
         return "late", agg
 
+    def counted_since(self, worker: str, since: int) -> dict:
+        """Which of `worker`'s pushes for rounds >= `since` are (or will be, being pending or buffered
+        late) in an aggregate: {"counted": [rounds], "known_from": the oldest round this answer covers}.
+        A round before `known_from` closed before the oldest retained aggregate: its fate is unknown."""
+        st = self.state
+        rounds = {a.round for a in st.retained if worker in a.contributors}
+        rounds |= {r for a in st.retained for w, r in a.late if w == worker}
+        if worker in self.pending:
+            rounds.add(st.round)
+        if worker in self.late:
+            rounds.add(self.late[worker][0])
+        known_from = st.retained[0].round if st.retained else st.round
+        return {"counted": sorted(r for r in rounds if r >= since), "known_from": known_from}
+
     def drop(self, worker: str) -> None:
         """A worker left or rejoined from a new connection: its open-round push goes (it will re-push)."""
         self.pending.pop(worker, None)

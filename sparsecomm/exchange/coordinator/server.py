@@ -269,14 +269,20 @@ class Coordinator:
         # replayable: we still hold the aggregate that follows exactly the state the worker is in
         replayable = not need_init and not in_sync and any(
             a.version == version + 1 and a.parent_hash == chain_hash for a in st.retained)
+        # a restarted trainer asks which of its pushes since its checkpoint were counted (after the
+        # rejoin dropped its open-round push above, so the answer is final for every round it names)
+        pushed_since = h.get("pushed_since")
+        if pushed_since is not None and (type(pushed_since) is not int or pushed_since < 0):
+            raise ProtocolError("bad_field", f"pushed_since={pushed_since!r} is not a round number")
         self.peers[worker] = Peer(identity, role, time.monotonic(), version, in_sync)
         if role == "trainer":
             self.trainers_seen.add(worker)
         if need_init:
             self.init_owner = worker
+        counted = {} if pushed_since is None else self.rounds.counted_since(worker, pushed_since)
         self.send(identity, pack("welcome", version=st.version, hash=st.hash, round=st.round, numel=st.numel,
                                  req=self._req, need_init=need_init, need_sync=bool(replayable),
-                                 need_snapshot=not need_init and not in_sync and not replayable))
+                                 need_snapshot=not need_init and not in_sync and not replayable, **counted))
         self._update_alive()
 
     def on_init(self, identity, h, frames) -> None:
@@ -331,7 +337,9 @@ class Coordinator:
     def on_snapshot(self, identity, h, frames) -> None:
         if self.state.weights is None:
             raise ProtocolError("not_ready", "no weights yet")
-        send_tensor(self.send, identity, "snapshot", self.state, self.state.weights)
+        # the round too: a trainer rejoining by snapshot pushes into it next (without it, into a stale
+        # round: its delta would wait in the late buffer for a round nobody else opens)
+        send_tensor(self.send, identity, "snapshot", self.state, self.state.weights, round=self.state.round)
         self._mark_synced(h["worker"])
 
     def _mark_synced(self, worker: str) -> None:

@@ -115,11 +115,12 @@ def test_threshold_reuse_selects_near_k_with_one_pass_and_re_estimates_on_drift(
     assert d2.k <= 1.1 * k and sel.estimated + sel.reused == 3
 
 
-def test_bytes_model_split_stays_near_2k_while_allgather_grows():
+def test_bytes_model_split_stays_near_3k_while_allgather_grows():
     n, k = 124_439_808, 1_244_398
     for P in (8, 64, 512):
-        split = predicted_bytes("split", n, k, P, 2, "raw")
-        assert split <= 2 * k * 6 + 2 * P * 160
+        split = predicted_bytes("split", n, k, P, 2, "raw")  # k/P to each owner + the owners' 2k/P each
+        assert split <= 3 * k * 6 + 2 * P * 160
+        assert predicted_bytes("split", n, k, P, 2, "raw", owner_share=1.0) <= 2 * k * 6 + 2 * P * 160
         assert predicted_bytes("allgather", n, k, P, 2, "raw") == pytest.approx((P - 1) * (k * 6 + 160))
 
 

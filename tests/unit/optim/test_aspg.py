@@ -183,13 +183,17 @@ def test_bad_config():
 def test_switch_rule():
     n = 124_439_808
     k = lambda d: round(d * n)  # noqa: E731
-    assert choose_path(n, k(0.01), 8, 2) == "split"  # ~2k entries per worker vs the all-gather's 7k
-    assert choose_path(n, k(0.01), 2, 2) == "allgather"  # P=2: same bytes, one collective fewer
+    assert choose_path(n, k(0.01), 8, 2) == "split"  # ~2.6k entries per worker vs the all-gather's 7k
+    assert choose_path(n, k(0.01), 2, 2) == "allgather"  # P=2: fewer bytes (k vs 1.5k), one collective fewer
+    # P=3: the owners' 2k/P share makes the split's bytes equal the all-gather's, plus framing: all-gather;
+    # with the k/P share the split wins from P=3
+    assert choose_path(n, k(0.01), 3, 2) == "allgather" and choose_path(n, k(0.01), 4, 2) == "split"
+    assert choose_path(n, k(0.01), 3, 2, owner_share=1.0) == "split"
     assert choose_path(n, k(0.01), 8, 2, candidates=("dense", "allgather")) == "allgather"
     # all-gather, bf16 values + ~3 index bits: 7 x 0.3 x 2.4 B = 5.0 B/param < ring 2 x 7/8 x 4 B = 7 B/param
     assert choose_path(n, k(0.3), 8, 2, candidates=("dense", "allgather")) == "allgather"
     assert choose_path(n, k(0.5), 8, 2, candidates=("dense", "allgather")) == "dense"  # 7 x 0.5 x 2.25 = 7.9 B
-    # split: 2 x 7/8 x density x b < 2 x 7/8 x 4 B while b < 4 / density: with bf16 values always (by bytes;
+    # split: 3 x 7/8 x density x b < 2 x 7/8 x 4 B while b < 8/3 / density: with bf16 values always (by bytes;
     # the measured switch is what catches its CPU cost at high density)
     assert choose_path(n, k(0.5), 8, 2) == "split" and choose_path(n, k(0.95), 8, 2) == "split"
     assert choose_path(n, n, 8, 2) == "dense" and choose_path(n, n, 8, 2, candidates=("allgather", "split")) == "split"
@@ -242,25 +246,39 @@ def test_param_group_density_sets_each_tensors_budget():
         ASPG([{"params": [a], "density": 2.0}], lr=0.1, budget="per_tensor")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+class Mixed(nn.Module):
+    """A bf16 layer feeding an fp32 one (a bf16 body with an fp32 head, as mixed-precision recipes do)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body, self.head = nn.Linear(16, 32).to(torch.bfloat16), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x.to(torch.bfloat16))).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "mixed"])
 def test_exact_resume_in_every_precision(dtype):
-    """Train N, save, train M == train N, save, load into fresh objects, train M: bit for bit, bf16 too
-    (torch's Optimizer.load_state_dict casts per-parameter state to the parameter dtype: ASPG's fp32
-    residual, importance and master copies must not travel there)."""
+    """Train N, save, train M == train N, save, load into fresh objects, train M: bit for bit, bf16 and
+    mixed bf16/fp32 parameters too (torch's Optimizer.load_state_dict casts per-parameter state to
+    the parameter dtype: ASPG's fp32 residual, importance and master copies must not travel there)."""
     data = batches(8)
+    make = (lambda seed=0: Mixed(seed)) if dtype == "mixed" else (lambda seed=0: model(seed).to(dtype))
+    io_dtype = torch.float32 if dtype == "mixed" else dtype
 
     def run(m, o, part):
         for x, y in part:
             o.zero_grad()
-            nn.functional.mse_loss(m(x.to(dtype)), y.to(dtype)).backward()
+            nn.functional.mse_loss(m(x.to(io_dtype)), y.to(io_dtype)).backward()
             o.step()
 
-    m1 = model().to(dtype)
+    m1 = make()
     o1 = ASPG(m1.parameters(), lr=1e-2, density=0.05, weight_decay=0.01)
     run(m1, o1, data[:4])
     ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
     run(m1, o1, data[4:])
-    m2 = model(seed=5).to(dtype)
+    m2 = make(seed=5)
     o2 = ASPG(m2.parameters(), lr=1e-2, density=0.05, weight_decay=0.01)
     m2.load_state_dict(ckpt["model"])
     o2.load_state_dict(ckpt["opt"])

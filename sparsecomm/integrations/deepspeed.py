@@ -1,0 +1,466 @@
+"""sparsecomm inside DeepSpeed ZeRO training: ASPG as the client optimizer, or sparse error-feedback
+compression of DeepSpeed's own gradient reduction. No fork of DeepSpeed; tested with 0.19.8.
+
+Install the extra: `pip install 'sparsecomm[deepspeed]'`. DeepSpeed has no communication-hook API
+(its issue #886), so this module takes over communication at the two places DeepSpeed 0.19.8's
+source offers (read from runtime/engine.py and runtime/zero/stage_1_and_2.py of that release):
+
+  comm="aspg"  (ZeRO stage 0, fp32 or bf16 parameters): ASPG is the client optimizer and
+      `engine.enable_backward_allreduce` is turned off - the pattern DeepSpeed's 1-bit
+      optimizers used until 0.19.6 - so `engine.backward` leaves every rank's own gradient in
+      place and `engine.step()` -> `ASPG.step()` runs the one sparse exchange (of the Adam-style
+      update, with error feedback). Replicas stay bit-identical.
+  comm="sparse_grad"  (AdamW or any dense optimizer): the gradient reduction itself is compressed
+      with the DDP hook's selection, codec and exchange (`SparseExchange` into a `DenseSink`):
+        ZeRO-1/2 (`DeepSpeedZeroOptimizer`): its `average_tensor(bucket, dtype)`, which every
+          contiguous gradient bucket goes through, is replaced on the optimizer instance;
+        ZeRO-0: the engine's `allreduce_bucket(bucket, group)`, which `buffered_allreduce_fallback`
+          calls for every flattened bucket, is replaced on the engine instance.
+      Each rank keeps an fp32 error-feedback residual per bucket of its own gradient (the unsent
+      part of what it computed; `save_checkpoint` stores it per rank beside DeepSpeed's files). Every rank receives
+      the same decoded mean, so each ZeRO partition owner steps with the same gradient everywhere
+      and replicas stay bit-identical. At density 1.0 the exchange is a dense all-reduce and the
+      result equals DeepSpeed's own (tested at 2 ranks, bit for bit).
+  comm="dense"  DeepSpeed's own path, for baselines.
+
+ZeRO-3 weight sync to rollout workers without a full gather (`Zero3RolloutPublisher`): each rank
+diffs its own parameter partition against the bf16 copy it last published and sends only the
+changed entries (exact bf16, per checkpoint tensor) to a subscriber (`ZmqPatchSender` ->
+`RolloutAssembler`), which reassembles the bf16 model bit for bit. It is a direct ZeroMQ PUSH,
+not yet a coordinator op: the coordinator's rollout publishing serves its own flat weights.
+
+Under comm="aspg" DeepSpeed's `gradient_clipping` (1.0 by default in 0.19.8) clips each rank's
+local gradient before ASPG sees it; set it to 0 to match sparsecomm's own trainer.
+
+Refused at start, with the reason (on every rank, before any collective):
+  - a DeepSpeed version outside SUPPORTED_VERSIONS (the private methods replaced here change
+    between releases);
+  - ASPG with ZeRO >= 1: ASPG's Adam moments and residual describe each worker's own gradient
+    stream for every parameter (DGC / 1-bit Adam structure), while ZeRO-1 hands each rank's
+    optimizer one partition and only its own gradient there; partitioning them would need the
+    dense gradient reduction ASPG exists to remove (DeepSpeed #5046: 1-bit Adam and ZeRO);
+  - ASPG with DeepSpeed's bf16/fp16 wrapper: ASPG keeps its own fp32 master copies of bf16
+    parameters, so give DeepSpeed a bf16 model with `bf16.enabled: false`;
+  - sparse_grad with ZeRO-3 (its reduce-scatter is a name-mangled private method), CPU offload,
+    MoE, `contiguous_gradients: false` or sum instead of mean reduction: paths not taken over here.
+
+    import deepspeed
+    from sparsecomm.integrations.deepspeed import initialize, SparseReduceState
+    deepspeed.init_distributed("gloo")
+    engine = initialize(model, config="launch/recipes/deepspeed_zero2.json",
+                        comm="sparse_grad", state=SparseReduceState(density=0.01))
+    loss = engine(batch); engine.backward(loss); engine.step()
+    engine.sparsecomm_state.last_metrics      # comm/*, timing/* of the last reduction
+
+Run the tests: `pytest tests/integration/test_deepspeed.py`; the benchmark:
+`python benchmarks/bench_deepspeed.py` (see its docstring).
+"""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..codec import VALUE_CODECS
+from ..compress import ErrorFeedback, k_for, make_selector
+from ..exchange.paths import PATHS, PathChooser
+from ..exchange.pipeline import DenseSink, SparseExchange
+from ..track.comm import CommTracker
+
+SUPPORTED_VERSIONS = ((0, 19, 8), (0, 20, 0))  # [low, high): the releases whose private methods this replaces
+COMMS = ("aspg", "sparse_grad", "dense")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple((parts + [0, 0, 0])[:3])
+
+
+def check_version(version: str | None = None) -> str:
+    """The installed DeepSpeed version; a clear error if it is outside SUPPORTED_VERSIONS."""
+    if version is None:  # from the installed metadata: no 4 s import of deepspeed to check it at start
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            version = installed("deepspeed")
+        except PackageNotFoundError:
+            raise RuntimeError("engine=deepspeed needs DeepSpeed: pip install 'sparsecomm[deepspeed]'") from None
+    lo, hi = SUPPORTED_VERSIONS
+    if not lo <= _version_tuple(version) < hi:
+        raise RuntimeError(f"DeepSpeed {version} is not supported: sparsecomm replaces DeepSpeed methods whose "
+                           f"internals are checked for >={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}; "
+                           f"install a version in that range")
+    return version
+
+
+def load_config(config: dict | str | Path) -> dict:
+    """A DeepSpeed config as a dict (a path to its JSON file, or the dict itself, copied)."""
+    if isinstance(config, (str, Path)):
+        return json.loads(Path(config).read_text())
+    return json.loads(json.dumps(config))
+
+
+def zero_stage(config: dict) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_combination(config: dict, comm: str, optimizer: Any = None) -> None:
+    """Refuse what is not supported, with the reason, before DeepSpeed builds anything."""
+    from ..optim.aspg import ASPG
+
+    if comm not in COMMS:
+        raise ValueError(f"comm must be one of {COMMS}, got {comm!r}")
+    stage = zero_stage(config)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    zero = config.get("zero_optimization", {})
+    low_precision = any(config.get(k, {}).get("enabled", False) for k in ("bf16", "fp16"))
+    is_aspg = isinstance(optimizer, ASPG)
+    if comm == "aspg" or is_aspg:
+        if not is_aspg:
+            raise ValueError("comm='aspg' needs an ASPG instance as the optimizer")
+        if comm != "aspg":
+            raise ValueError(f"an ASPG optimizer communicates itself: use comm='aspg', not {comm!r}")
+        if stage != 0:
+            raise ValueError(f"ASPG cannot run under ZeRO stage {stage}: its Adam moments and error-feedback residual "
+                             "are per worker for every parameter (each describes that worker's own gradient stream), "
+                             "but ZeRO >= 1 gives each rank's optimizer one partition and only its own gradient for it; "
+                             "use zero_stage 0 with ASPG, or ZeRO-1/2 with AdamW and comm='sparse_grad'")
+        if low_precision:
+            raise ValueError("ASPG with DeepSpeed's bf16/fp16 optimizer wrapper: the wrapper replaces ASPG's parameters "
+                             "with its own flat fp32 copies; ASPG keeps fp32 master weights of bf16 parameters itself, "
+                             "so pass a bf16 model with bf16.enabled false")
+        if int(config.get("gradient_accumulation_steps", 1)) != 1:
+            raise ValueError("comm='aspg' steps ASPG once per engine.step(); set gradient_accumulation_steps to 1")
+    if comm == "sparse_grad":
+        if stage == 3:
+            raise ValueError("comm='sparse_grad' under ZeRO-3: its gradient reduce-scatter is a name-mangled private "
+                             "method of DeepSpeedZeroOptimizer_Stage3 and is not taken over; use stage 0, 1 or 2")
+        if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+            raise ValueError("comm='sparse_grad' with optimizer offload is not supported (its gradient path differs)")
+        if stage in (1, 2) and not zero.get("contiguous_gradients", True):
+            raise ValueError("comm='sparse_grad' under ZeRO-1/2 needs contiguous_gradients true: only contiguous "
+                             "buckets go through average_tensor, the method replaced")
+        if config.get("gradient_allreduce_op", "mean") not in ("mean", None) or config.get("prescale_gradients"):
+            raise ValueError("comm='sparse_grad' reduces to the mean over ranks: leave gradient_allreduce_op at "
+                             "'mean' and prescale_gradients off")
+        if float(config.get("gradient_predivide_factor", 1.0)) != 1.0:
+            raise ValueError("comm='sparse_grad' does not use gradient_predivide_factor; leave it at 1.0")
+
+
+_HYPER = ("density", "selector", "index_codec", "value_codec", "paths", "switch", "warmup_steps", "seed")
+
+
+class SparseReduceState:
+    """Sparse error-feedback compression of DeepSpeed's gradient buckets (the DDP hook's exchange).
+
+    Hyperparameters (validated here): `density` (fraction of each bucket's entries sent per
+    step), `selector`, `index_codec`, `value_codec`, `paths` (leave out "dense" to never fall
+    back), `switch`, `warmup_steps` (dense steps first), `seed`.
+    State: the residual of each bucket (keyed by its parameters and size), the exchange's
+    selector generators, thresholds and split owner residuals, and the step count; `save_checkpoint`
+    writes it per rank beside DeepSpeed's checkpoint.
+    """
+
+    def __init__(self, density: float = 0.01, selector: str = "reuse", index_codec: str = "auto",
+                 value_codec: str = "bf16", paths: tuple[str, ...] = PATHS, switch: str = "volume",
+                 warmup_steps: int = 0, seed: int = 0):
+        if not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        if value_codec not in VALUE_CODECS:
+            raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        make_selector(selector)  # validates the name
+        PathChooser(switch, candidates=paths)  # validates the policy and the paths
+        self.density, self.selector, self.index_codec, self.value_codec = density, selector, index_codec, value_codec
+        self.paths, self.switch, self.warmup_steps, self.seed = tuple(paths), switch, warmup_steps, seed
+        self.exchange: SparseExchange | None = None  # bound to the engine's data-parallel group at install
+        self.ef = ErrorFeedback()
+        self.comm = CommTracker()
+        self.steps = 0  # replicated: reductions completed (optimizer steps)
+        self.last_metrics: dict = {}
+        self._pending: dict | None = None  # exchange state from a checkpoint, loaded once the exchange exists
+        self._calls = 0  # buckets reduced in the current reduction (keys the engine's anonymous buckets)
+
+    def bind(self, group) -> None:
+        from ..exchange.torch_dist import TorchDistTransport
+
+        self.exchange = SparseExchange(TorchDistTransport(group), selector=self.selector, index_codec=self.index_codec,
+                                       value_codec=self.value_codec, paths=self.paths, switch=self.switch,
+                                       seed=self.seed, comm=self.comm)
+        if self._pending is not None:
+            self.exchange.load_state_dict(self._pending)
+            self._pending = None
+
+    def reduce_(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor (this rank's flat gradient bucket) becomes the mean over ranks of the sparse deltas,
+        in place; the unsent part stays in this rank's residual for `key`."""
+        e = self.ef.compensate(key, tensor)  # (n,) fp32 residual + this step's gradient: the live buffer
+        density = 1.0 if self.steps < self.warmup_steps else self.density
+        mean = torch.zeros_like(e)
+        self.exchange.exchange(key, e, k_for(e.numel(), density), DenseSink(mean))
+        tensor.copy_(mean)
+        self._calls += 1
+        return tensor
+
+    def end_reduction(self) -> None:
+        """After the last bucket of a step: metrics, step count."""
+        numel = sum(t.numel() for t in self.ef.residuals.values())
+        self.last_metrics = self.comm.collect(numel, 4, self.exchange.world_size)
+        self.steps += 1
+        self._calls = 0
+
+    def state_dict(self) -> dict:
+        return {"hyper": {name: getattr(self, name) for name in _HYPER}, "ef": self.ef.state_dict(),
+                "steps": self.steps,
+                "exchange": self.exchange.state_dict() if self.exchange is not None else self._pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["hyper"] != {name: getattr(self, name) for name in _HYPER}:
+            raise ValueError(f"checkpoint was made with sparse reduction {state['hyper']}, this run has "
+                             f"{ {name: getattr(self, name) for name in _HYPER} }")
+        self.ef.load_state_dict(state["ef"])
+        self.steps = state["steps"]
+        if self.exchange is not None:
+            self.exchange.load_state_dict(state["exchange"])
+        else:
+            self._pending = state["exchange"]
+
+
+# ---------------------------------------------------------------------------- installation
+def _install_zero12(opt, state: SparseReduceState) -> None:
+    """Replace DeepSpeedZeroOptimizer.average_tensor on this instance (ZeRO-1/2, contiguous buckets).
+
+    DeepSpeed's own method, with reduce_scatter off, all-reduces the bucket and then adds this
+    rank's partition slices to its compact gradient buffer (`_add_full_reduction_to_compact_grad_
+    partition`); `reduce_ipg_grads` afterwards copies the partition's gradients out of the bucket.
+    The replacement does the same with the all-reduce replaced by the sparse exchange.
+    """
+    def average_tensor(self, tensor: torch.Tensor, communication_data_type: torch.dtype):
+        if tensor.numel() == 0:
+            return
+        params = self.ipg_buckets[communication_data_type].params
+        key = f"z{params[0][2]}-{params[-1][2]}:{tensor.numel()}" if params else f"z:{tensor.numel()}"
+        state.reduce_(key, tensor)
+        self._add_full_reduction_to_compact_grad_partition(tensor, communication_data_type)
+
+    opt.average_tensor = types.MethodType(average_tensor, opt)
+
+
+def _install_engine(engine, state: SparseReduceState) -> None:
+    """Replace engine.allreduce_bucket on this instance (ZeRO-0, and bf16 ZeRO-1's BF16_Optimizer)."""
+    def allreduce_bucket(self, bucket, dp_group, dp_world_size=None):
+        tensor = self.flatten(bucket)  # (n,) this rank's gradients of the bucket, flattened
+        return state.reduce_(f"e{state._calls}:{tensor.numel()}:{tensor.dtype}", tensor)
+
+    engine.allreduce_bucket = types.MethodType(allreduce_bucket, engine)
+
+
+def _wrap_reduction_end(engine, state: SparseReduceState) -> None:
+    """End the state's step after DeepSpeed's reduction of a step (the accumulation boundary)."""
+    inner = engine.allreduce_gradients
+
+    def allreduce_gradients(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if engine.is_gradient_accumulation_boundary():
+            state.end_reduction()
+        return out
+
+    engine.allreduce_gradients = allreduce_gradients
+
+
+def _rank_state_path(engine, directory: str | Path, tag: str) -> Path:
+    import torch.distributed as dist
+
+    return Path(directory) / str(tag) / f"sparsecomm_rank{dist.get_rank()}.pt"
+
+
+def save_checkpoint(engine, save_dir: str | Path, tag: str | None = None, **kwargs) -> str:
+    """engine.save_checkpoint, plus this rank's sparsecomm state in its own file.
+
+    DeepSpeed writes a non-ZeRO optimizer's state from data-parallel rank 0 only; ASPG's moments
+    and residual and the reduction's residuals differ per rank, so every rank saves its own
+    (`TAG/sparsecomm_rank{R}.pt`). Returns the tag."""
+    tag = tag if tag is not None else f"global_step{engine.global_steps}"
+    engine.save_checkpoint(str(save_dir), tag=tag, **kwargs)
+    torch.save(engine.sparsecomm_state.state_dict(), _rank_state_path(engine, save_dir, tag))
+    torch.distributed.barrier()  # every rank's file exists before anyone resumes from it
+    return tag
+
+
+def load_checkpoint(engine, load_dir: str | Path, tag: str | None = None, **kwargs):
+    """engine.load_checkpoint, then this rank's own sparsecomm state (ASPG, or the residuals)."""
+    if tag is None:
+        tag = (Path(load_dir) / "latest").read_text().strip()
+    out = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    path = _rank_state_path(engine, load_dir, tag)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: this checkpoint has no sparsecomm state for this rank (saved with "
+                                "engine.save_checkpoint instead of sparsecomm.integrations.deepspeed.save_checkpoint?)")
+    engine.sparsecomm_state.load_state_dict(torch.load(path, weights_only=False))
+    return out
+
+
+def install_sparse_reduction(engine, state: SparseReduceState) -> SparseReduceState:
+    """Compress an initialized engine's gradient reduction with `state` (ZeRO-0/1/2)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if engine.has_moe_layers:
+        raise ValueError("comm='sparse_grad' with MoE layers is not supported (expert gradients reduce separately)")
+    if not engine.enable_backward_allreduce:
+        raise ValueError("the engine's backward all-reduce is off: nothing to compress")
+    state.bind(engine.seq_data_parallel_group if getattr(engine, "seq_data_parallel_group", None) is not None
+               else engine.data_parallel_group)
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        _install_zero12(engine.optimizer, state)
+    else:
+        _install_engine(engine, state)
+    _wrap_reduction_end(engine, state)
+    engine.sparsecomm_state = state
+    return state
+
+
+def initialize(model: torch.nn.Module, config: dict | str | Path, optimizer=None, comm: str = "aspg",
+               state: SparseReduceState | None = None, **kwargs):
+    """deepspeed.initialize with sparsecomm's communication; returns the engine.
+
+    comm="aspg": `optimizer` is an ASPG built with a TorchDistTransport on the data-parallel group;
+    DeepSpeed's backward all-reduce is turned off and ASPG exchanges in step().
+    comm="sparse_grad": `optimizer` is any dense optimizer (or None: DeepSpeed builds the one in the
+    config); `state` (default SparseReduceState()) compresses the gradient reduction.
+    comm="dense": DeepSpeed as it is.
+    """
+    check_version()
+    cfg = load_config(config)
+    check_combination(cfg, comm, optimizer)
+    import deepspeed
+
+    if comm == "aspg":
+        P = torch.distributed.get_world_size()
+        if optimizer.transport.world_size != P:
+            raise ValueError(f"ASPG's transport spans {optimizer.transport.world_size} ranks, the job has {P}: build "
+                             "it with TorchDistTransport() after deepspeed.init_distributed()")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, **kwargs)
+    if comm == "aspg":
+        if engine.optimizer is not optimizer:
+            raise RuntimeError(f"DeepSpeed wrapped ASPG in {type(engine.optimizer).__name__}: unsupported config")
+        engine.enable_backward_allreduce = False  # each rank keeps its own gradient; ASPG.step() communicates
+        engine.sparsecomm_state = optimizer
+    elif comm == "sparse_grad":
+        install_sparse_reduction(engine, state or SparseReduceState())
+    return engine
+
+
+# ---------------------------------------------------------------------------- ZeRO-3 rollout sync
+class Zero3RolloutPublisher:
+    """Weight sync from ZeRO-3 to rollout workers without gathering the model.
+
+    Each rank diffs its own partition of every parameter (`param.ds_tensor`, the slice
+    [rank * part, rank * part + part) of the flat parameter) against the bf16 copy of it that it
+    last published, and sends only the entries whose bf16 bits changed: one framed message per
+    version (`codec.encode_model`: per checkpoint tensor name, its full shape, flat int32-coded
+    indices and exact bf16 values - the patch shape vLLM's sparse weight transfer applies in place).
+    The first version sends the whole partition (the anchor). A subscriber (`RolloutAssembler`)
+    writes every rank's patches into its bf16 tensors; ranks' entries are disjoint, so their order
+    within a version does not matter.
+
+    Memory per rank: the bf16 copy of its own partition (half its fp32 size) plus one tensor's
+    partition being compared (the "bucket"); the full model is never gathered. `held_bytes` and
+    `peak_temp_bytes` report both, from the tensors themselves.
+
+    `send(payload: bytes, version: int, rank: int)` delivers the message (e.g. `ZmqPatchSender`).
+    """
+
+    def __init__(self, engine, send):
+        if not engine.zero_optimization_partition_weights():
+            raise ValueError("Zero3RolloutPublisher needs a ZeRO-3 engine (zero_optimization.stage 3)")
+        import torch.distributed as dist
+
+        self.send = send
+        self.rank = dist.get_rank(engine.data_parallel_group)
+        self.params = [(name, p) for name, p in engine.module.named_parameters()]
+        self.last: dict[str, torch.Tensor] = {}  # name -> (n,) bf16 of this rank's partition, as last published
+        self.version = 0
+        self.peak_temp_bytes = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.last.values())
+
+    def _partition(self, p) -> tuple[int, torch.Tensor]:
+        """(flat offset of this rank's slice, its valid entries as bf16); the padding past ds_numel is cut."""
+        part = p.ds_tensor.ds_numel
+        start = self.rank * part
+        n = max(0, min(part, p.ds_numel - start))
+        return start, p.ds_tensor.detach().view(-1)[:n].to(torch.bfloat16)
+
+    def patch(self) -> tuple[bytes, int]:
+        """This rank's patch for the next version: (encoded message, changed entries)."""
+        from ..codec.message import encode_model
+        from ..delta import SparseDelta
+
+        deltas, changed_k = {}, 0
+        for name, p in self.params:
+            start, cur = self._partition(p)  # (n,) bf16: the only per-tensor temporary
+            last = self.last.get(name)
+            if last is None:  # first version: the whole partition
+                idx = torch.arange(cur.numel(), dtype=torch.int64)
+            else:
+                idx = (cur.view(torch.int16) != last.view(torch.int16)).nonzero().view(-1)
+            self.peak_temp_bytes = max(self.peak_temp_bytes, 2 * cur.numel() + 8 * idx.numel())
+            deltas[name] = SparseDelta(idx + start, cur[idx], tuple(p.ds_shape), torch.bfloat16)
+            changed_k += idx.numel()
+            self.last[name] = cur
+        self.version += 1
+        return encode_model(deltas, "auto", "bf16", step=self.version), changed_k
+
+    def publish(self) -> dict:
+        """Send this version's patch; returns {"version", "sent_bytes", "changed_entries"}."""
+        payload, k = self.patch()
+        self.send(payload, self.version, self.rank)
+        return {"version": self.version, "sent_bytes": len(payload), "changed_entries": k}
+
+
+class ZmqPatchSender:
+    """PUSH each patch to a rollout subscriber's PULL socket: [msgpack header, patch]."""
+
+    def __init__(self, endpoint: str, context=None):
+        import zmq
+
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 10_000)  # close() still delivers what is queued
+        self.socket.connect(endpoint)
+
+    def __call__(self, payload: bytes, version: int, rank: int) -> None:
+        import msgpack
+
+        self.socket.send_multipart([msgpack.packb({"op": "zero3_patch", "version": version, "rank": rank}), payload])
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class RolloutAssembler:
+    """A rollout worker's bf16 model, reassembled from every rank's ZeRO-3 patches."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}  # name -> bf16 tensor of the checkpoint's shape
+        self.versions: dict[int, int] = {}  # rank -> last version applied
+
+    def apply(self, payload: bytes, version: int, rank: int) -> None:
+        from ..codec.message import decode_model
+
+        if version != self.versions.get(rank, 0) + 1:
+            raise ValueError(f"rank {rank}: patch for version {version} after version {self.versions.get(rank, 0)}")
+        for name, d in decode_model(payload).items():  # validated (CRCs, ranges) before anything is written
+            t = self.tensors.setdefault(name, torch.zeros(d.shape, dtype=torch.bfloat16))
+            t.view(-1)[d.indices] = d.values.to(torch.bfloat16)
+        self.versions[rank] = version

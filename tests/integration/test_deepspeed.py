@@ -1,0 +1,186 @@
+"""DeepSpeed 0.19.8 ZeRO training with sparsecomm's communication, 2 gloo ranks on CPU.
+
+One spawn runs every scenario (DeepSpeed's import and engine set-up cost seconds each; see
+deepspeed_worker.py); the tests below check its results. Refusals are checked in-process.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from sparsecomm.integrations import deepspeed as sds  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every rank's results, and the ZeRO-3 patches the ranks pushed to this process (a rollout subscriber)."""
+    import zmq
+
+    from tests.distributed.helpers import run_workers
+    from tests.integration.deepspeed_worker import run_all
+
+    d = tmp_path_factory.mktemp("ds")
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        out = run_workers(run_all, 2, d, str(d / "ckpt"), f"tcp://127.0.0.1:{port}")
+        patches = []
+        while pull.poll(2000):  # queued by zmq's I/O thread while the ranks ran
+            patches.append(pull.recv_multipart())
+    finally:
+        pull.close(linger=0)
+        ctx.term()
+    return out, patches
+
+
+@pytest.fixture(scope="module")
+def ranks(results):
+    return results[0]
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_replicas(results, scenario: str, field: str) -> None:
+    assert_equal(results[0][scenario][field], results[1][scenario][field])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_aspg_under_zero0_equals_our_aspg_bit_for_bit(ranks, dtype):
+    for r in ranks:
+        s = r[f"aspg0_{dtype}"]
+        assert s["allreduce_on"] is False  # DeepSpeed's backward all-reduce is off: ASPG communicates
+        assert s["path"] == "allgather"  # 5%: the sparse path ran
+        assert_equal(s["ds"], s["ref"])  # DeepSpeed engine + ASPG == our own ASPG loop, same seed and data
+    assert_replicas(ranks, f"aspg0_{dtype}", "ds")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_aspg_checkpoint_resumes_exactly(ranks):
+    for r in ranks:  # each rank's moments and residual come back from its own file
+        assert_equal(r["aspg0_resume"]["resumed"], r["aspg0_resume"]["ref"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_compressed_reduction_at_density_1_equals_deepspeed_dense(ranks, stage):
+    for r in ranks:
+        s = r[f"z{stage}_density1"]
+        assert_equal(s["sparse"], s["dense"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_compressed_reduction_at_1_percent(ranks, stage):
+    s0, s1 = ranks[0][f"z{stage}_density001"], ranks[1][f"z{stage}_density001"]
+    assert_replicas(ranks, f"z{stage}_density001", "weights")
+    assert any(not torch.equal(s0["weights"][k], s0["dense_final"][k]) for k in s0["weights"])  # compressed != dense
+    assert s0["metrics"]["comm/path"] == "allgather"
+    # 808 parameters: headers weigh; ZeRO-2's five 200-entry buckets carry one header each
+    assert 0 < s0["metrics"]["comm/sent_bytes"] < s0["metrics"]["comm/dense_equiv_bytes"] / (3 if stage == 2 else 10)
+    assert s0["records"] and [a["key"] for a in s0["records"]] == [b["key"] for b in s1["records"]]
+    if stage == 2:
+        assert len(s0["records"]) > 1  # small buckets: several, each with its own residual
+    for a, b in zip(s0["records"], s1["records"]):  # step 1: the residual started empty
+        assert torch.equal(a["mean"], b["mean"])  # every rank applies the same mean
+        # what was applied (P x mean) + what stayed behind == the dense sum of the gradients
+        torch.testing.assert_close(2 * a["mean"] + a["residual"] + b["residual"], a["grad"] + b["grad"],
+                                   rtol=0, atol=1e-7)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_compressed_reduction_bf16_zero1_and_resume(ranks):
+    assert ranks[0]["z1_bf16_density001"]["optimizer"] == "BF16_Optimizer"  # the engine's allreduce_bucket path
+    assert_replicas(ranks, "z1_bf16_density001", "weights")
+    for r in ranks:  # residuals resume from each rank's own file
+        assert_equal(r["z2_resume"]["resumed"], r["z2_resume"]["ref"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_rollout_sync_reassembles_the_gathered_bf16_model(results):
+    import msgpack
+
+    ranks, patches = results
+    z = [r["zero3"] for r in ranks]
+    assert len(patches) == 2 * len(z[0]["sent"])  # every rank, every version
+    sub = sds.RolloutAssembler()
+    for header, payload in sorted(patches, key=lambda m: msgpack.unpackb(m[0])["version"]):
+        h = msgpack.unpackb(header)
+        sub.apply(payload, h["version"], h["rank"])
+    assert_equal(sub.tensors, z[0]["ref"])  # bit for bit the gathered model, in bf16
+    numel = z[0]["model_numel"]
+    assert sum(r["sent"][0]["changed_entries"] for r in z) == numel  # the anchor: every entry once
+    later = [r["sent"][-1]["changed_entries"] for r in z]
+    assert 0 < sum(later) < numel  # a later version: only entries whose bf16 bits changed
+    for r in z:  # a rank holds its partition's bf16 copy (about half the model in bf16 at 2 ranks), never the model
+        assert r["held_bytes"] <= 2 * (numel // 2 + 64 * 4)
+        # temporaries: one tensor's partition at a time (bf16 values + int64 indices), not the model
+        assert r["peak_temp_bytes"] <= 10 * r["max_partition"] < 2 * 4 * numel
+
+
+def test_unsupported_version_is_a_clear_error():
+    assert sds.check_version("0.19.8") == "0.19.8"
+    for bad in ("0.19.6", "0.20.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=f"DeepSpeed {bad} is not supported.*>=0.19.8,<0.20.0"):
+            sds.check_version(bad)
+
+
+def test_unsupported_combinations_fail_at_start_with_the_reason():
+    from sparsecomm.optim.aspg import ASPG
+
+    opt = ASPG(torch.nn.Linear(4, 4).parameters(), density=0.1)
+    with pytest.raises(ValueError, match="ASPG cannot run under ZeRO stage 3: its Adam moments"):
+        sds.check_combination({"zero_optimization": {"stage": 3}}, "aspg", opt)
+    with pytest.raises(ValueError, match="ASPG cannot run under ZeRO stage 1"):
+        sds.check_combination({"zero_optimization": {"stage": 1}}, "aspg", opt)
+    with pytest.raises(ValueError, match="bf16.enabled false"):
+        sds.check_combination({"bf16": {"enabled": True}}, "aspg", opt)
+    with pytest.raises(ValueError, match="communicates itself"):
+        sds.check_combination({}, "sparse_grad", opt)
+    with pytest.raises(ValueError, match="ZeRO-3: its gradient reduce-scatter"):
+        sds.check_combination({"zero_optimization": {"stage": 3}}, "sparse_grad")
+    with pytest.raises(ValueError, match="contiguous_gradients"):
+        sds.check_combination({"zero_optimization": {"stage": 2, "contiguous_gradients": False}}, "sparse_grad")
+    with pytest.raises(ValueError, match="density must be in"):
+        sds.SparseReduceState(density=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["deepspeed_aspg", "deepspeed_zero2"])
+def test_train_py_with_engine_deepspeed(tmp_path, recipe):
+    """launch/train.py engine=deepspeed under torchrun: the recipe trains and sends ~1% of the dense bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(29200 + os.getpid() % 400 + (recipe == "deepspeed_zero2")), "launch/train.py",
+           "--config", "launch/recipes/demo.yaml", "--config", f"launch/recipes/{recipe}.yaml", f"run_dir={tmp_path}",
+           "sft_steps=20", "rl_steps=6", "prompts_per_step=4", "grpo.group_size=4", "eval_size=20",
+           "console_every=100", "device=cpu"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in range(2):
+        rows = [json.loads(line)["metrics"] for line in (tmp_path / f"stats_rank{rank}.jsonl").read_text().splitlines()]
+        assert len(rows) == 6
+        m = rows[-1]
+        assert m["comm/path"] == "allgather" and 0 < m["comm/sent_bytes"] < m["comm/dense_equiv_bytes"] / 20
+        assert m["sparsity/fp32_exact/global"] < 1.0  # the weights moved

@@ -1,0 +1,232 @@
+"""Federated RL over sparse deltas (sparsecomm.federated): the client/server parts in one process,
+and one real Flower simulation (Ray, 3 supernodes) carrying the same payloads in Flower messages.
+
+Tolerances: at density 1.0 the sparse pipeline averages model *changes* while dense FedAvg averages
+*models*, so they agree to fp32 rounding, not bit for bit: |diff| <= 1e-6 after one SGD round;
+<= 1e-5 after 2 Adam rounds (Adam's normalisation amplifies start-point rounding a little); the Flower run and the in-process run of the same
+rounds and faults agree bit for bit (torch.equal).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from sparsecomm.codec import decode_model, encode_model  # noqa: E402
+from sparsecomm.compress import make_selector  # noqa: E402
+from sparsecomm.delta import SparseDelta  # noqa: E402
+from sparsecomm.federated import FedConfig, FedRun, FedServer  # noqa: E402
+from sparsecomm.federated.client import LocalTrainer, Uplink, _seed, load_state, model_state, to_wire  # noqa: E402
+from sparsecomm.federated.split import leading_digit, split_clients  # noqa: E402
+from sparsecomm.rl.models import build_model, char_tokenizer  # noqa: E402
+
+SMALL = dict(clients=3, local_steps=1, prompts_per_step=2, prompts_per_client=20, eval_size=8,
+             grpo={"group_size": 4, "max_new_tokens": 3, "beta": 0.0})
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, _ = build_model("tiny", char_tokenizer(), seed=0)
+    return model_state(model)
+
+
+def test_config_refuses_bad_values_with_a_reason():
+    for bad, words in [(dict(aggregator="fedprox"), "mu > 0"), (dict(mu=0.1), "aggregator=fedprox"),
+                       (dict(quorum=9, clients=8), "quorum"), (dict(density_up=0.0), "density"),
+                       (dict(split="dirichlet"), "split")]:
+        with pytest.raises(ValueError, match=words):
+            FedConfig(**bad)
+
+
+def test_noniid_split_is_seed_fixed_and_disjoint():
+    a, b = split_clients(8, ("addition", "sort"), "noniid", 3), split_clients(8, ("addition", "sort"), "noniid", 3)
+    assert a == b
+    assert {d.tasks for d in a} == {("addition",), ("sort",)}
+    for task in ("addition", "sort"):  # the clients of one task cover the digits 0-9 once
+        assert "".join(sorted("".join(d.digits for d in a if d.tasks == (task,)))) == "0123456789"
+    d = a[0]
+    assert all(leading_digit(e.prompt) in d.digits for e in d.examples(d.tasks[0], {}, 30, 0))
+
+
+def test_error_feedback_keeps_what_was_not_sent():
+    up = Uplink(density=0.1)
+    u1, u2 = torch.randn(50), torch.randn(50)
+    sent1 = decode_model(up.encode({"w": u1}, 1, 0))["w"]
+    assert sent1.k == 5
+    assert torch.equal(up.ef.residual("w") + sent1.to_dense(), u1)  # exact conservation
+    sent2 = decode_model(up.encode({"w": u2}, 2, 1))["w"]
+    total = sent1.to_dense() + sent2.to_dense() + up.ef.residual("w")
+    torch.testing.assert_close(total, u1 + u2, rtol=0, atol=1e-6)
+    # what round 1 left behind competes in round 2: an entry of u1 just below the cut can now be sent
+    assert set(sent2.indices.tolist()) != set(make_selector("topk").select(u2, 5).indices.tolist())
+
+
+def test_one_local_sgd_step_at_density_one_equals_data_parallel_sgd(base):
+    """FedAvg, density 1.0, one local SGD step = one synchronous data-parallel SGD step on the same batches."""
+    cfg = FedConfig(**{**SMALL, "local_optimizer": "sgd", "local_lr": 0.5, "density_up": 1.0, "density_down": 1.0,
+                       "split": "iid"}, rounds=1)
+    run = FedRun(cfg, base)
+    rep = run.round(1)
+    assert rep.applied and rep.accepted == [0, 1, 2]
+    # the reference: average the gradients of the same three batches, one SGD step
+    grads = []
+    for c in run.clients:
+        t = LocalTrainer(cfg, c.trainer.data)
+        load_state(t.model, base)
+        loss, _ = t.loss(_seed(cfg.seed, c.trainer.data.client, 1, 0))  # the batch client c drew in round 1
+        t.model.zero_grad()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters()})
+    ref = {n: base[n] - 0.5 * sum(g[n] for g in grads) / 3 for n in base}
+    got = run.global_state()
+    for n in base:
+        torch.testing.assert_close(got[n], ref[n], rtol=0, atol=1e-6)
+    assert max(float((got[n] - base[n]).abs().max()) for n in base) > 1e-3  # it moved
+
+
+def test_sparse_at_density_one_equals_dense_fedavg_and_saves_bytes_below(base):
+    kw = {**SMALL, "split": "noniid", "rounds": 2}
+    sparse = FedRun(FedConfig(**kw, density_up=1.0, density_down=1.0), base)
+    dense = FedRun(FedConfig(**kw), base, dense=True)
+    for r in (1, 2):
+        sparse.round(r)
+        dense.round(r)
+    a, b = sparse.global_state(), dense.global_state()
+    for n in base:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-5)
+    one = FedRun(FedConfig(**kw, density_up=0.01, density_down=0.01, value_codec_up="bf16", value_codec_down="bf16"), base)
+    rep = one.round(1)
+    assert rep.dense_bytes_per_client * 3 / rep.bytes_up > 100  # 1% bf16, one flat tensor: > 100x fewer bytes up
+
+
+def test_malformed_or_foreign_uploads_are_refused_with_a_reason(base):
+    cfg = FedConfig(**SMALL, density_up=0.01)
+    wire = to_wire(base, cfg.layout)
+    server = FedServer(cfg, wire)
+    good = Uplink(0.01).encode({"model": torch.randn_like(wire["model"]) * 1e-3}, 1, 0)
+    assert server.accept(0, good, 1, 2.0)[0] is not None
+    n = wire["model"].numel()
+    dense = SparseDelta(torch.arange(n), torch.ones(n), (n,))
+    cases = {
+        "truncated": (good[:-3], "malformed payload"),
+        "flipped bit": (good[:40] + bytes([good[40] ^ 1]) + good[41:], "malformed payload"),
+        "not ours": (b"hello", "malformed payload"),
+        "wrong names": (encode_model({"other": dense}), "names differ"),
+        "wrong shape": (encode_model({"model": SparseDelta.empty((n - 1,))}, step=1), "shape"),
+        "wrong dtype": (encode_model({"model": SparseDelta.empty((n,), torch.float16)}, step=1), "dtype"),
+        "stale base": (encode_model({"model": SparseDelta.empty((n,))}, step=1, base_version=5), "stale"),
+        "wrong round": (encode_model({"model": SparseDelta.empty((n,))}, step=7), "round"),
+        "over budget": (encode_model({"model": dense}, step=1), "exceed the uplink budget"),
+    }
+    for what, (payload, words) in cases.items():
+        up, reason = server.accept(0, payload, 1, 2.0)
+        assert up is None and words in reason, (what, reason)
+    assert server.accept(0, good, 1, float("nan"))[0] is None
+
+
+def test_quorum_and_partial_participation(base):
+    cfg = FedConfig(**{**SMALL, "clients": 4}, fraction=0.5, quorum=2, rounds=2)
+    run = FedRun(cfg, base)
+    rep = run.round(1)
+    assert len(rep.accepted) == 2 and rep.applied
+    asked = rep.accepted
+    rep2 = run.round(2, drop={c for c in range(4)})  # nobody answers: below quorum, the round is skipped
+    assert not rep2.applied and run.server.version == 1 and asked
+
+
+def _upload(server, client, values: torch.Tensor, rnd: int):
+    n = values.numel()
+    payload = encode_model({"model": SparseDelta(torch.arange(n), values, (n,))}, step=rnd, base_version=server.version)
+    up, reason = server.accept(client, payload, rnd, 1.0)
+    assert up is not None, reason
+    return up
+
+
+def test_fedadam_step_follows_reddi_et_al_and_downlink_conserves_the_step():
+    """FedAdam: m = (1-b1) d, v = (1-b2) d^2, x += eta m / (sqrt v + tau) on the first round. Top-k downlink:
+    broadcast + server residual == master after every round (what was not broadcast is kept, not lost)."""
+    cfg = FedConfig(clients=2, aggregator="fedadam", server_lr=0.1, fedadam_betas=(0.9, 0.99), fedadam_tau=1e-3,
+                    density_up=1.0, density_down=0.25)
+    x0 = torch.zeros(8)
+    server = FedServer(cfg, {"model": x0.clone()})
+    d0, d1 = torch.linspace(-1, 1, 8), torch.linspace(1, 3, 8)
+    assert server.finish_round(1, [_upload(server, 0, d0, 1), _upload(server, 1, d1, 1)])
+    mean = (d0 + d1) / 2
+    expect = 0.1 * (0.1 * mean) / ((0.01 * mean * mean).sqrt() + 1e-3)
+    torch.testing.assert_close(server.master["model"], expect, rtol=1e-6, atol=1e-7)
+    for rnd in (1, 2):
+        if rnd == 2:
+            assert server.finish_round(2, [_upload(server, 0, d1, 2)])
+        kept = server.down_ef.residual("model")
+        torch.testing.assert_close(server.broadcast["model"] + kept, server.master["model"], rtol=0, atol=1e-6)
+        assert int((server.broadcast["model"] != 0).sum()) <= 2 * rnd  # 25% of 8 entries per round
+    assert len(server.downlink_for(0)) == 2 and len(server.downlink_for(2)) == 0
+
+
+def test_fedadam_and_fedprox_train(base):
+    for kw in (dict(aggregator="fedadam", server_lr=1e-2), dict(aggregator="fedprox", mu=0.1)):
+        run = FedRun(FedConfig(**SMALL, **kw, rounds=1), base)
+        assert run.round(1).applied
+        assert any(not torch.equal(run.global_state()[n], base[n]) for n in base)
+
+
+def test_encoded_delta_survives_flower_record_serialization_bit_exactly():
+    """What the strategy and the Mod put in a Flower message (a ConfigRecord of bytes) comes back unchanged."""
+    flwr_app = pytest.importorskip("flwr.app")
+    up = Uplink(0.05, value_codec="bf16")
+    payload = up.encode({"model": torch.randn(4000), "b": torch.randn(7, 3)}, 4, 3)
+    rec = flwr_app.ConfigRecord({"payload": payload, "version": 3, "partition": 1})
+    back = flwr_app.ConfigRecord.inflate(rec.deflate())
+    assert back["payload"] == payload
+    a, b = decode_model(payload), decode_model(back["payload"])
+    for n in a:
+        assert torch.equal(a[n].indices, b[n].indices) and torch.equal(a[n].values, b[n].values) and b[n].step == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_flower_simulation_matches_in_process_rounds_with_a_straggler_and_a_dropout(base):
+    """Real Flower: 3 supernodes (Ray), 3 rounds. Round 2: partition 2 raises (a dropout); round 3: partition 1
+    sleeps past the deadline (a straggler). Neither stalls its round (the straggler's round closes at the
+    deadline), and the final model equals the in-process run of the same rounds bit for bit. (The straggler is
+    in the last round on purpose: a straggler's node state is written back whenever it finishes, racing its
+    next round; see flower.py.)"""
+    flower = pytest.importorskip("sparsecomm.federated.flower")
+    deadline = 15.0
+    cfg = FedConfig(**SMALL, rounds=3, deadline_s=deadline, density_up=0.05, density_down=0.05)
+    t0 = time.perf_counter()
+    out = flower.run_simulation(cfg, base, flower.Faults(sleep_s={1: {3: deadline + 3}}, fail={2: {2}}), num_cpus=3)
+    wall_s = time.perf_counter() - t0
+    strat = out["strategy"]
+    r1, r2, r3 = strat.reports
+    assert sorted(r1.accepted) == [0, 1, 2], r1
+    assert sorted(r2.accepted) == [0, 1] and any("injected dropout" in v for v in r2.refused.values()) and r2.applied, r2
+    assert sorted(r3.accepted) == [0, 2] and len(r3.missing) == 1 and r3.applied, r3
+    assert strat.round_s[3] < deadline + 2.0  # the round closed at its deadline, not when the straggler woke
+    assert r2.bytes_down > 0 and r2.bytes_up > 0
+    local = FedRun(cfg, base)
+    local.round(1)
+    local.round(2, drop={2})
+    local.round(3, late={1})
+    got = flower._tensors(out["result"].arrays)
+    assert torch.equal(got["model"], local.server.broadcast["model"])
+    assert strat.server.version == 3 and wall_s < 80
+
+
+def test_cli_runs_rounds_and_refuses_a_bad_config(tmp_path, capsys):
+    import json
+
+    from sparsecomm.cli import main
+
+    out = tmp_path / "fed.json"
+    assert main(["federated", "--set", "clients=2", "rounds=2", "local_steps=1", "prompts_per_step=2", "prompts_per_client=10",
+                 "eval_size=4", "grpo={'group_size': 2, 'max_new_tokens': 2, 'beta': 0.0}", "split=iid",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["round"] for r in data["rounds"]] == [1, 2] and all(r["applied"] for r in data["rounds"])
+    assert "global" in data["final"]
+    assert main(["federated", "--set", "aggregator=fedprox"]) == 2
+    assert "mu > 0" in capsys.readouterr().out

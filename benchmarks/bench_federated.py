@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, figure_row, save_figure, table, write_results  # noqa: E402
+from common import RESULTS, figure_row, rewrite_markdown, save_figure, table, write_results  # noqa: E402
 
 from sparsecomm.federated import FedConfig, FedRun  # noqa: E402
 from sparsecomm.federated.client import model_state  # noqa: E402
@@ -200,10 +200,7 @@ def main() -> None:
     args = p.parse_args()
     if args.render:  # keeps the JSON's command, date and machine in the header
         data = json.loads((RESULTS / f"{args.name}.json").read_text())
-        m = data["machine"]
-        (RESULTS / f"{args.name}.md").write_text(
-            f"# {args.name}\n\nCommand: `{data['command']}`  \nDate: {data['date']}  \nMachine: {m['cpu']}, {m['cores']} cores, "
-            f"{m['mem_gib']} GiB, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}\n\n" + render(data))
+        rewrite_markdown(args.name, data, render(data))
         return
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]

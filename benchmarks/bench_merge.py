@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, rewrite_markdown, table, write_results  # noqa: E402
 
 from sparsecomm import merge as M  # noqa: E402
 from sparsecomm.rl.losses import evaluate, sft_loss  # noqa: E402
@@ -104,10 +104,7 @@ def main() -> None:
     args = p.parse_args()
     if args.render:
         data = json.loads((RESULTS / f"{args.name}.json").read_text())
-        m = data["machine"]
-        (RESULTS / f"{args.name}.md").write_text(
-            f"# {args.name}\n\nCommand: `{data['command']}`  \nDate: {data['date']}  \nMachine: {m['cpu']}, {m['cores']} cores, "
-            f"{m['mem_gib']} GiB, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}\n\n" + render(data))
+        rewrite_markdown(args.name, data, render(data))
         return
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_merge_"))

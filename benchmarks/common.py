@@ -74,8 +74,14 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data = {"command": command_line(), "date": stamp, "machine": machine(), **data}
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    return rewrite_markdown(name, data, markdown)
+
+
+def rewrite_markdown(name: str, data: dict, markdown: str) -> Path:
+    """results/NAME.md: the command / date / machine block of `data` (a results JSON), then `markdown`
+    (also what `--render` uses, so a re-rendered file keeps the run's provenance)."""
     m = data["machine"]
-    head = (f"# {name}\n\nCommand: `{data['command']}`  \nDate: {stamp}  \n"
+    head = (f"# {name}\n\nCommand: `{data['command']}`  \nDate: {data['date']}  \n"
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB, torch {m['torch']} "
             f"({m['torch_threads']} threads), Python {m['python']}\n\n")
     path = RESULTS / f"{name}.md"

@@ -33,15 +33,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convergence import METHODS as CONVERGENCE_METHODS  # noqa: E402
 from common import RESULTS, table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {
-    "dense": ["comm=ddp", "optimizer=adamw"],
-    "aspg-10%": ["comm=aspg", "optimizer=aspg", "density=0.1"],
-    "aspg-1%": ["comm=aspg", "optimizer=aspg", "density=0.01"],
-    "aspg-0.1%": ["comm=aspg", "optimizer=aspg", "density=0.001"],
-}
+METHODS = {m: CONVERGENCE_METHODS[m] for m in ("dense", "aspg-10%", "aspg-1%", "aspg-0.1%")}  # the same overrides
 # bench_heldout's task without its weight decay (see the docstring); AdamW's default decay is not
 # configurable from the recipe, so dense keeps 0.01: its union density is 1 either way
 JOB = ["task=sort", "task_kwargs={length: 8}", "sft_steps=100", "grpo.max_new_tokens=9", "heldout_fraction=0.2",

@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--hook-kw", default="{}", help="JSON: extra SparseHookState arguments (sparse hooks)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // a.world))
     dist.init_process_group("gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.world,
@@ -87,7 +88,8 @@ def main() -> int:
 
             ddp = DDP(student)
             state = SparseHookState(density=a.density, seed=a.rank,
-                                    switch="measured" if a.hook == "sparse-measured" else "volume")
+                                    switch="measured" if a.hook == "sparse-measured" else "volume",
+                                    **json.loads(a.hook_kw))
             ddp.register_comm_hook(state, sparse_topk_hook)
         else:
             ddp = DDP(student)

@@ -42,6 +42,7 @@ from .errors import CodecError
 class ValueCodec(Protocol):
     name: str
     bytes_per_value: float
+    closed_under_subsets: bool  # re-encoding a subset of decoded values decodes to the same bits
 
     def value_bytes(self, k: int) -> int: ...
 
@@ -63,6 +64,7 @@ class _FloatCodec:
     def __init__(self, name: str, wire: torch.dtype, bits_view: torch.dtype, np_view: str):
         self.name, self.wire, self.bits_view, self.np_view = name, wire, bits_view, np_view
         self.bytes_per_value = torch.finfo(wire).bits // 8
+        self.closed_under_subsets = True  # a cast: value by value
 
     def value_bytes(self, k: int) -> int:
         return k * self.bytes_per_value
@@ -89,6 +91,7 @@ class Int8Codec:
 
     name = "int8"
     bytes_per_value = 1
+    closed_under_subsets = False  # absmax / 127: a subset with a smaller absmax re-quantises
 
     @staticmethod
     def value_bytes(k: int) -> int:
@@ -143,6 +146,7 @@ class _PackedIntCodec:
         self.qmax = 2 ** (bits - 1) - 1
         self.per_byte = 8 // bits
         self.bytes_per_value = bits / 8
+        self.closed_under_subsets = True  # power-of-two scale (module docstring)
 
     def value_bytes(self, k: int) -> int:
         return (k + self.per_byte - 1) // self.per_byte

@@ -1,6 +1,8 @@
 """Error feedback: nothing the selector drops is lost, it is sent later.
 
     e = ef.compensate(name, u)      # residual += u; returns the live buffer e
+                                    # (or e, u = ef.deferred(name, u); select(e, k, move_in=u):
+                                    #  the addition fused into the selection pass)
     d = selector.select(e, k)       # what to send ...
     d = roundtrip_values(d, "bf16") # ... exactly as receivers will decode it
     ef.update(name, d)              # residual = e - d
@@ -46,6 +48,17 @@ class ErrorFeedback:
         else:
             r.add_(update.detach().to(self.dtype))
         return r
+
+    def deferred(self, name: str, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`compensate` with the addition left to the caller's next pass over the residual (a
+        selector's `move_in`, which adds and zeroes `update` chunk by chunk while it ranks): returns
+        (residual, update), or (a new residual holding update, None) the first time."""
+        r = self.residuals.get(name)
+        if r is None or r.dtype != self.dtype or not r.is_contiguous():
+            return self.compensate(name, update), None
+        if r.shape != update.shape:
+            raise ValueError(f"{name}: update shape {tuple(update.shape)} != residual shape {tuple(r.shape)}")
+        return r, update
 
     def update(self, name: str, sent: SparseDelta) -> None:
         """Subtract what was sent (as the receivers decode it) from the residual."""

@@ -53,11 +53,16 @@ from ..compress import ErrorFeedback, k_for, make_selector
 from ..track.comm import CommTracker, ring_allreduce_bytes
 from .paths import PATHS, PathChooser
 from .pipeline import DenseSink, SparseExchange
-from .split import OWNER_SHARE
 
 _HYPER = ("density", "selector_name", "index_codec", "value_codec", "dense_fallback", "fallback_margin",
           "warmup_iterations", "switch", "seed", "paths", "exact", "overlap", "owner_share")
 _ADDED_HYPER_DEFAULTS = {"owner_share": 1.0}
+# The hook's split owners send k/P entries each (ASPG's default, OWNER_SHARE = 2, was chosen on RL
+# reward): on the DDP benchmark (results/ddp.md, 4 ranks, 25.2M MLP, 1%) a share of 1 sends 0.68x the
+# bytes of 2 and is faster per step than powerSGD_hook on every link; a share of 2 reaches a lower loss
+# per step (27.3 vs 29.9 after 24 steps, PowerSGD 37.0) but is slower per step than PowerSGD on
+# loopback. Pass owner_share=2 for the loss per step.
+HOOK_OWNER_SHARE = 1.0
 
 
 class SparseHookState:
@@ -72,7 +77,7 @@ class SparseHookState:
     def __init__(self, process_group=None, density: float = 0.01, selector: str = "reuse", index_codec: str = "auto",
                  value_codec: str = "bf16", dense_fallback: bool = True, fallback_margin: float = 1.0,
                  warmup_iterations: int = 0, switch: str = "volume", seed: int = 0, paths=PATHS, exact: bool = False,
-                 overlap: bool = True, owner_share: float = OWNER_SHARE):
+                 overlap: bool = True, owner_share: float = HOOK_OWNER_SHARE):
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if value_codec not in VALUE_CODECS:
@@ -197,11 +202,14 @@ def _exchange_bucket(state: SparseHookState, j: int, grad: torch.Tensor) -> torc
     """error feedback + one SparseExchange of virtual bucket j's gradient -> the mean over workers."""
     ex = state._exchange()
     key = f"v{j}"
-    e = state.ef.compensate(key, grad)  # e is the residual's own buffer: grad is free from here on
+    # e += grad happens inside the selection pass, which also zeroes grad (one pass over memory instead
+    # of three); the mean then goes into the bucket's own buffer, as DDP's hook does (no 25 MB allocation)
+    e, pending = state.ef.deferred(key, grad)
+    if pending is None:
+        grad.zero_()
     density = 1.0 if state.iteration < state.warmup_iterations else state.density
-    result = grad.zero_()  # the mean goes into the bucket's buffer, as DDP's own hook does (no 25 MB allocation)
-    ex.exchange(key, e, k_for(grad.numel(), density), DenseSink(result))
-    return result
+    ex.exchange(key, e, k_for(grad.numel(), density), DenseSink(grad), move_in=pending)
+    return grad
 
 
 def _on_bucket(state: SparseHookState, params: list[tuple[int, int]], grad: torch.Tensor, is_last: bool,

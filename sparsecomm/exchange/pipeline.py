@@ -169,15 +169,22 @@ class SparseExchange:
                                                        VALUE_CODECS[self.value_codec].bytes_per_value)
 
     def exchange(self, key: str, e: torch.Tensor, k: int, sink: Sink,
-                 select: Callable | None = None, path: str | None = None) -> str:
+                 select: Callable | None = None, path: str | None = None, move_in: torch.Tensor | None = None) -> str:
         """Exchange `k` entries of the flat residual `e` (modified: what was sent leaves it).
         `select(selector) -> SparseDelta` overrides the default top-k by |e| (ASPG ranks by
-        importance, or per tensor); `path` forces a candidate. Returns the candidate that ran."""
+        importance, or per tensor); `path` forces a candidate; `move_in` is still to be added to e
+        (and is zeroed): the default selector does it inside its pass over e (`ErrorFeedback.deferred`).
+        Returns the candidate that ran."""
         c, P, n = self.comm, self.world_size, e.numel()
         st = self._key(key, n)
         cand = path or self.choose(key, n, k)
         route, _, codec = cand.partition(":")
         codec = codec or self.index_codec
+        if move_in is not None and (route == "dense" or select is not None
+                                    or not getattr(st["selector"], "fuses_move_in", False)):  # no fused pass
+            e.add_(move_in.view_as(e))
+            move_in.zero_()
+            move_in = None
         if st["split"] is not None and route != "split":
             self._split(st).flush_(e)  # owner residuals go back into e before another path sends e
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -194,7 +201,8 @@ class SparseExchange:
                 c.note(path="dense", k=n, density=1.0)
             else:
                 with c.phase("select"):
-                    d = select(st["selector"]) if select is not None else st["selector"].select(e, k)
+                    d = (select(st["selector"]) if select is not None else st["selector"].select(e, k) if move_in is None
+                         else st["selector"].select(e, k, move_in=move_in))
                     d = roundtrip_values(d, self.value_codec)
                 if route == "allgather":
                     commit, applied_k = self._allgather(e, d, codec, sink)

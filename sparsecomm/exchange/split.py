@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from ..codec import CodecError, encode, roundtrip_values
+from ..codec import VALUE_CODECS, CodecError, encode, roundtrip_values
 from ..compress import SampledThreshold, subtract_sent_
 from ..delta import SparseDelta
 from .aggregate import decode_from
@@ -126,19 +126,26 @@ class SplitAllReduce:
             self._rebalance(transport, e)
         self.exchanges += 1
         dev = e.device
+        closed = VALUE_CODECS[value_codec].closed_under_subsets
         with comm.phase("encode"):  # phase 1: cut at the shard bounds, local indices
             cuts = torch.searchsorted(d.indices, torch.tensor(self.bounds, device=d.indices.device)).tolist()
-            pieces, sent_values = [], []
+            pieces, local = [], []
             for j in range(P):
                 lo, hi = cuts[j], cuts[j + 1]
-                # each piece is quantised on its own (int8's scale is the piece's absmax): what its owner
-                # decodes is the piece's round trip, and that is what leaves the residual (a no-op for
-                # codecs closed under subsets: fp32, bf16, fp16, int4, int2)
                 part = SparseDelta(d.indices[lo:hi] - self.bounds[j], d.values[lo:hi],
                                    (self.bounds[j + 1] - self.bounds[j],), d.dtype)
-                sent_values.append(roundtrip_values(part, value_codec).values)  # = decode(encode(part))
-                pieces.append(encode(part, index_codec, value_codec))
-            d = d.with_values(torch.cat(sent_values)) if sent_values else d
+                # each piece is quantised on its own: for a codec not closed under subsets (int8: the
+                # piece's absmax sets its scale) what the owner decodes is the piece's round trip, and
+                # that is what leaves the residual; the others decode d's values unchanged (d is round-tripped)
+                local.append(part if closed else roundtrip_values(part, value_codec))  # = decode(encode(part))
+                # this rank's own piece never goes through bytes: it stays a tensor (one encode and
+                # decode fewer per exchange), the all-to-all carries an empty buffer to itself. (Safe
+                # here: a bad piece from a peer is still caught by its owner and announced to all in
+                # phase 2's size exchange. Phase 2 and the all-gather path decode every buffer,
+                # their own included, so that every rank raises alike on a corrupt one.)
+                pieces.append(b"" if j == me else encode(part, index_codec, value_codec))
+            if not closed and local:
+                d = d.with_values(torch.cat([p.values for p in local]))
         with comm.phase("transfer"):
             received = transport.all_to_all_bytes(pieces)
         sent_bytes = sum(len(p) for j, p in enumerate(pieces) if j != me) + SIZE_BYTES * (P - 1)
@@ -150,7 +157,7 @@ class SplitAllReduce:
         error, out_buf, out = "", b"", None
         with comm.phase("decode"):  # owner: validate every piece before touching the accumulator
             try:
-                parts = [decode_from(r, buf, hi - lo) for r, buf in enumerate(received)]
+                parts = [local[me] if r == me else decode_from(r, buf, hi - lo) for r, buf in enumerate(received)]
             except CodecError as err:
                 error, parts = f"owner rank {me}: {err}", []
             for part in parts:  # rank order: every owner sums the same way

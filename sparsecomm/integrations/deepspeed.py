@@ -203,11 +203,18 @@ class SparseReduceState:
     def reduce_(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """tensor (this rank's flat gradient bucket) becomes the mean over ranks of the sparse deltas,
         in place; the unsent part stays in this rank's residual for `key`."""
-        e = self.ef.compensate(key, tensor)  # (n,) fp32 residual + this step's gradient: the live buffer
         density = 1.0 if self.steps < self.warmup_steps else self.density
-        mean = torch.zeros_like(e)
-        self.exchange.exchange(key, e, k_for(e.numel(), density), DenseSink(mean))
-        tensor.copy_(mean)
+        if tensor.dtype == torch.float32 and tensor.is_contiguous():
+            # residual += gradient inside the selection pass, which zeroes the bucket; the mean goes into it
+            e, pending = self.ef.deferred(key, tensor.view(-1))
+            if pending is None:
+                tensor.zero_()
+            self.exchange.exchange(key, e, k_for(e.numel(), density), DenseSink(tensor.view(-1)), move_in=pending)
+        else:
+            e = self.ef.compensate(key, tensor)  # (n,) fp32 residual + this step's gradient: the live buffer
+            mean = torch.zeros_like(e)
+            self.exchange.exchange(key, e, k_for(e.numel(), density), DenseSink(mean))
+            tensor.copy_(mean)
         self._calls += 1
         return tensor
 

@@ -160,15 +160,21 @@ class SparseFSDPState:
     def _all_reduce(self, key: str, module, shard: torch.Tensor) -> None:
         """FSDP's all-reduce hook for one parameter group: `shard` becomes the replicas' mean in place."""
         t0 = time.perf_counter()
-        e = self.ef.compensate(key, shard.reshape(-1))  # fp32 residual += this (micro-)step's shard
         if not all(pg.all_reduce_grads for pg in _param_groups(module)):
+            self.ef.compensate(key, shard.reshape(-1))  # fp32 residual += this micro-step's shard
             shard.zero_()  # an accumulation micro-step: the residual holds it, the gradient gets nothing yet
+        elif shard.dtype == torch.float32 and shard.is_contiguous():
+            # residual += shard inside the selection pass, which zeroes the shard; the mean goes into it
+            e, pending = self.ef.deferred(key, shard.view(-1))
+            if pending is None:
+                shard.zero_()
+            self.exchange.exchange(key, e, k_for(e.numel(), self.density), DenseSink(shard.view(-1)), move_in=pending)
+            self._mark(key)
         else:
-            out = shard.view(-1) if shard.dtype == torch.float32 else torch.zeros(shard.numel(), dtype=torch.float32)
-            out.zero_()
+            e = self.ef.compensate(key, shard.reshape(-1))  # fp32 residual += this step's shard
+            out = torch.zeros(shard.numel(), dtype=torch.float32)
             self.exchange.exchange(key, e, k_for(e.numel(), self.density), DenseSink(out))
-            if out.data_ptr() != shard.data_ptr():
-                shard.view(-1).copy_(out)
+            shard.view(-1).copy_(out)
             self._mark(key)
         self.comm.timing_s["fsdp_hook"] = self.comm.timing_s.get("fsdp_hook", 0.0) + time.perf_counter() - t0
 

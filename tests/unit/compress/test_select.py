@@ -89,3 +89,39 @@ def test_bad_arguments():
         SampledThreshold(sample_fraction=0)
 
 
+
+
+@pytest.mark.parametrize("name", ["sampled", "reuse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_move_in_equals_adding_first(name, dtype):
+    """select(e, k, move_in=g) == select(e + g, k) with the same generator state, e holds e + g
+    afterwards (bit for bit) and g is zeroed: the error-feedback addition fused into the pass."""
+    gen = torch.Generator().manual_seed(4)
+    e0 = torch.randn(300_000, generator=gen)
+    fused, plain = make_selector(name, seed=9), make_selector(name, seed=9)
+    e_f, e_p = e0.clone(), e0.clone()
+    for step in range(4):  # the reuse selector's second call onwards takes its reuse path
+        g = torch.randn(300_000, generator=gen).to(dtype)
+        g_f = g.clone()
+        d_f = fused.select(e_f, 3000, move_in=g_f)
+        e_p += g
+        d_p = plain.select(e_p, 3000)
+        assert torch.equal(e_f, e_p) and not g_f.any(), step
+        assert torch.equal(d_f.indices, d_p.indices) and torch.equal(d_f.values, d_p.values), step
+        e_f[d_f.indices] = 0
+        e_p[d_p.indices] = 0
+
+
+def test_move_in_is_refused_with_a_score():
+    x = torch.randn(10_000)
+    with pytest.raises(ValueError, match="move_in"):
+        SampledThreshold().select(x, 10, score=x.abs(), move_in=torch.zeros(10_000))
+
+
+def test_trim_keeps_exactly_k_with_ties_in_position_order():
+    from sparsecomm.compress.select import _keep_top
+
+    cand = torch.arange(10) * 7
+    ranked = torch.tensor([1.0, 5.0, 3.0, 3.0, 9.0, 3.0, 0.5, 3.0, 2.0, 8.0])
+    kept, thr = _keep_top(cand, ranked, 5)  # 9, 8, 5 and the first two of the four 3s
+    assert kept.tolist() == [7, 14, 21, 28, 63] and thr == 3.0

@@ -222,8 +222,10 @@ class RiceCodec:
         k = g.size
         # remainders: a (k, b) bit matrix, most significant bit first, one pass per bit plane
         rbits = np.empty((k, b), dtype=np.uint8)
+        low = (g & np.uint64((1 << b) - 1)).astype(np.uint32) if b <= 32 else g  # narrow, as in decode
+        one = low.dtype.type(1)
         for j in range(b):
-            rbits[:, j] = (g >> np.uint64(b - 1 - j)) & np.uint64(1)
+            rbits[:, j] = (low >> low.dtype.type(b - 1 - j)) & one
         rem = np.packbits(rbits.reshape(-1))
         # unary quotients: q zeros then a one, so the ones sit at cumsum(q + 1) - 1
         q = (g >> np.uint64(b)).astype(np.int64)
@@ -245,16 +247,23 @@ class RiceCodec:
             return np.empty(0, dtype=np.int64)
         raw = np.frombuffer(buf, dtype=np.uint8)
         rbits = np.unpackbits(raw[:rem_bytes])[: k * b].reshape(k, b)
-        r = np.zeros(k, dtype=np.uint64)
+        # one shift-or per bit plane, in the narrowest integer that holds b bits (uint32 is ~4x
+        # faster than uint64 here: the strided column is widened to the accumulator's type)
+        r = np.zeros(k, dtype=np.uint32 if b <= 32 else np.uint64)
         for j in range(b):
-            r |= rbits[:, j].astype(np.uint64) << np.uint64(b - 1 - j)
+            r <<= 1
+            r |= rbits[:, j]
+        r = r.astype(np.uint64, copy=False)
         ubytes = raw[rem_bytes:]
-        ones_at = np.flatnonzero(np.unpackbits(ubytes))
+        ones_at = np.nonzero(np.unpackbits(ubytes).view(bool))[0]  # bits are 0/1: no != 0 pass (~10x)
         if ones_at.size != k:
             raise CodecError(f"rice unary stream holds {ones_at.size} values, header says k={k}")
         if ubytes.size != (int(ones_at[-1]) + 1 + 7) // 8:
             raise CodecError("rice unary stream has trailing bytes")
-        q = np.diff(ones_at, prepend=-1) - 1  # zeros before each one
+        q = np.empty_like(ones_at)  # zeros before each one (np.diff with prepend costs ~10x this here)
+        q[0] = ones_at[0]
+        np.subtract(ones_at[1:], ones_at[:-1], out=q[1:])
+        q[1:] -= 1
         if int(q.max()) > (n >> b):
             raise CodecError(f"rice quotient {int(q.max())} too large for numel {n}")
         g = (q.astype(np.uint64) << np.uint64(b)) | r

@@ -64,21 +64,23 @@ def _delta(x: torch.Tensor, idx: torch.Tensor, already_sorted: bool = False) -> 
     return SparseDelta(idx, flat[idx], tuple(x.shape), x.dtype)
 
 
-def _keep_top(cand: torch.Tensor, ranked: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
-    """The k candidates with the largest `ranked`, still in increasing position order (no sort), and
-    the k-th value (the new threshold). On CPU by numpy's introselect (`partition`, ~5x faster than
-    torch.topk over ~1.3k candidates here); ties at the k-th value are kept in position order."""
-    if ranked.device.type == "cpu" and ranked.dtype in (torch.float32, torch.float64):
-        r = ranked.numpy()
+def _keep_top(cand: torch.Tensor, vals: torch.Tensor, k: int, use_abs: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The k candidates with the largest ranked value (|vals| or vals), still in increasing position
+    order (no sort), their values, and the k-th ranked value (the new threshold). On CPU by numpy's
+    introselect (`partition`, ~5x faster than torch.topk here); ties at the k-th value are kept in
+    position order."""
+    if vals.device.type == "cpu" and vals.dtype in (torch.float32, torch.float64):
+        v = vals.numpy()
+        r = np.abs(v) if use_abs else v
         kth = np.partition(r, r.size - k)[r.size - k]
         keep = r > kth
         short = k - int(np.count_nonzero(keep))
         keep[np.flatnonzero(r == kth)[:short]] = True
-        return cand[torch.from_numpy(keep)], float(kth)
-    top = torch.topk(ranked, k, sorted=False)
+        return torch.from_numpy(cand.numpy()[keep]), torch.from_numpy(v[keep]), float(kth)
+    top = torch.topk(vals.abs() if use_abs else vals, k, sorted=False)
     keep = torch.zeros(cand.numel(), dtype=torch.bool, device=cand.device)
     keep[top.indices] = True
-    return cand[keep], float(top.values.min())
+    return cand[keep], vals[keep], float(top.values.min())
 
 
 class Selector(Protocol):
@@ -129,21 +131,25 @@ class SampledThreshold:
         self.rounds_used = 0  # rounds the last call needed (0: exact fallback on a small tensor)
         self.threshold: float | None = None  # the last call's threshold (what `reuse` starts from)
 
-    def _candidates(self, s: torch.Tensor, thr: float, use_abs: bool, move_in: torch.Tensor | None = None) -> torch.Tensor:
-        """Positions with ranked value >= thr, increasing. With `move_in`, first s += move_in and
-        move_in = 0, chunk by chunk in the same pass (the fused error-feedback compensation)."""
+    def _candidates(self, s: torch.Tensor, thr: float, use_abs: bool,
+                    move_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions with ranked value >= thr (increasing) and s's values there. With `move_in`,
+        first s += move_in and move_in = 0, chunk by chunk in the same pass (the fused error-feedback
+        compensation)."""
         fused = (move_in is not None and s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous()
                  and move_in.dtype == torch.float32 and move_in.is_contiguous() and move_in.device.type == "cpu")
         if move_in is not None and not fused:
             s.add_(move_in.reshape(-1))
             move_in.zero_()
         if s.device.type != "cpu":
-            return torch.nonzero((s.abs() if use_abs else s) >= thr).squeeze(1)
+            cand = torch.nonzero((s.abs() if use_abs else s) >= thr).squeeze(1)
+            return cand, s[cand]
         if s.dtype in (torch.float32, torch.float64) and s.is_contiguous():
             # numpy's abs / compare / flatnonzero run ~2.5x faster than torch.nonzero on CPU here
             # (0.2 s vs 0.5 s for 124M fp32, one thread); chunks of 256k stay in cache, so the fused
-            # add (x += g; g = 0) costs no extra pass over memory: one read of x and g, one write of each
-            xs, outs, c = s.numpy(), [], min(self.chunk_numel, 1 << 18)
+            # add (x += g; g = 0) and the gather of the candidates' values cost no extra pass over
+            # memory (a gather from the whole tensor afterwards costs ~1/3 of the pass at 1%)
+            xs, pos, vals, c = s.numpy(), [], [], min(self.chunk_numel, 1 << 18)
             ms = move_in.reshape(-1).numpy() if fused else None
             buf = np.empty(min(c, xs.size), dtype=xs.dtype)
             for start in range(0, xs.size, c):
@@ -153,8 +159,12 @@ class SampledThreshold:
                     np.add(part, mpart, out=part)
                     mpart.fill(0)
                 ranked = np.abs(part, out=buf[:part.size]) if use_abs else part
-                outs.append(np.flatnonzero(ranked >= thr) + start)
-            return torch.from_numpy(np.concatenate(outs) if outs else np.empty(0, dtype=np.int64))
+                hit = np.flatnonzero(ranked >= thr)
+                vals.append(part[hit])
+                pos.append(hit + start)
+            if not pos:
+                return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=s.dtype)
+            return torch.from_numpy(np.concatenate(pos)), torch.from_numpy(np.concatenate(vals))
         # Chunks that fit in cache: abs, compare and nonzero each touch memory once.
         outs, c = [], self.chunk_numel
         buf = torch.empty(min(c, s.numel()), dtype=s.dtype)
@@ -162,7 +172,16 @@ class SampledThreshold:
             part = s[start:start + c]
             ranked = torch.abs(part, out=buf[:part.numel()]) if use_abs else part
             outs.append(torch.nonzero(ranked >= thr).squeeze(1) + start)
-        return torch.cat(outs)
+        cand = torch.cat(outs)
+        return cand, s[cand]
+
+    @staticmethod
+    def _finish(x: torch.Tensor, cand: torch.Tensor, cvals: torch.Tensor, score) -> SparseDelta:
+        """The delta of the chosen candidates (increasing positions): their values were gathered in
+        the pass when x itself was ranked; ranked by a score, x's values are gathered now."""
+        if score is None:
+            return SparseDelta(cand, cvals.to(x.dtype), tuple(x.shape), x.dtype)
+        return _delta(x, cand, already_sorted=True)
 
     def _sample_size(self, n: int) -> int:
         return min(n, max(self.min_sample, int(n * self.sample_fraction)))
@@ -205,15 +224,15 @@ class SampledThreshold:
             hits = max(target * m / n, 1.0)
             j = min(m, math.ceil(hits * (1.0 + 2.5 / math.sqrt(hits))))
             thr = float(torch.topk(sample, j, sorted=False).values.min())
-            cand = self._candidates(s, thr, use_abs, move_in)
+            cand, cvals = self._candidates(s, thr, use_abs, move_in)
             move_in = None  # added by the first pass
             c = cand.numel()
             if c >= k:
                 self.rounds_used = r
                 self.threshold = thr
                 if c > k * (1.0 + self.tolerance):
-                    cand, self.threshold = _keep_top(cand, s[cand].abs() if use_abs else s[cand], k)
-                return _delta(x, cand, already_sorted=True)  # candidates come in increasing position order
+                    cand, cvals, self.threshold = _keep_top(cand, cvals, k, use_abs)
+                return self._finish(x, cand, cvals, score)  # candidates come in increasing position order
             target = target * k / max(c, 1) * 1.1  # undershot: lower the threshold and retry
             if thr <= 0.0:
                 break
@@ -248,16 +267,16 @@ class ThresholdReuse(SampledThreshold):
         sample = self._sample(s, m, use_abs, move_in)
         thr = self.threshold
         if thr is not None and thr > 0 and self._still_good(sample, n, k, thr):
-            cand = self._candidates(s, thr, use_abs, move_in)
+            cand, cvals = self._candidates(s, thr, use_abs, move_in)
             move_in = None
             c = cand.numel()
             if k * (1 - self.reuse_tolerance) <= c <= k * (1 + self.reuse_tolerance):
                 self.reused += 1
-                return _delta(x, cand, already_sorted=True)  # chunked nonzero yields increasing positions
+                return self._finish(x, cand, cvals, score)  # chunked nonzero yields increasing positions
             if k < c <= k * self.trim_factor:  # too many: the exact top-k of the candidates
-                cand, self.threshold = _keep_top(cand, s[cand].abs() if use_abs else s[cand], k)
+                cand, cvals, self.threshold = _keep_top(cand, cvals, k, use_abs)
                 self.reused += 1
-                return _delta(x, cand, already_sorted=True)
+                return self._finish(x, cand, cvals, score)
         self.estimated += 1
         d = self._from_sample(x, s, k, sample, use_abs, move_in, score)
         if self.rounds_used == self.max_rounds + 1 and d.k:  # exact fallback: threshold = the k-th value

@@ -123,5 +123,5 @@ def test_trim_keeps_exactly_k_with_ties_in_position_order():
 
     cand = torch.arange(10) * 7
     ranked = torch.tensor([1.0, 5.0, 3.0, 3.0, 9.0, 3.0, 0.5, 3.0, 2.0, 8.0])
-    kept, thr = _keep_top(cand, ranked, 5)  # 9, 8, 5 and the first two of the four 3s
-    assert kept.tolist() == [7, 14, 21, 28, 63] and thr == 3.0
+    kept, vals, thr = _keep_top(cand, -ranked, 5, use_abs=True)  # 9, 8, 5 and the first two of the four 3s
+    assert kept.tolist() == [7, 14, 21, 28, 63] and vals.tolist() == [-5.0, -3.0, -3.0, -9.0, -8.0] and thr == 3.0

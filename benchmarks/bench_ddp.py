@@ -86,7 +86,8 @@ def render(rows: list[dict]) -> tuple[str, list]:
                                 f"{med[ours]:.3f} s vs {med['default']:.3f} s"))
     md = ["4 ranks, one per emulated host (loopback: 4 processes), plain DDP over gloo, a 25.2M-parameter MLP "
           "(benchmarks/ddp_worker.py), SGD lr 0.02 on the squared error summed over outputs, per-rank batch 32, same "
-          "seeds for every hook; `sparse` = the hook's defaults (volume rule: split path, Rice indices), "
+          "seeds for every hook; `sparse` = the hook's defaults (volume rule: split path with owner_share 1, "
+          "Rice indices, error feedback fused into the selection pass), "
           "`sparse-measured` = switch=\"measured\" (times paths and raw vs Rice indices, keeps the fastest). Step s: median over "
           "steps 3.. of the slowest rank's forward + backward + communication + SGD step; CPU s: the slowest rank's "
           "process CPU seconds per step (4 ranks share 2 cores: CPU above ~0.5 x wall means the cores, not the link, "

@@ -38,7 +38,7 @@ worker residual (in sum units, exactly), which sends them again under the new bo
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -53,6 +53,37 @@ from .torch_dist import SIZE_BYTES
 # and 2k/P is non-inferior to it (+0.002 [-0.010, +0.013], 10 pre-registered seeds,
 # results/convergence_split2.md), for ~(1 + 2)(P-1)/P k entries per worker.
 OWNER_SHARE = 2.0
+
+
+def to_owners(transport, pieces: Sequence[SparseDelta], shard_numel: int, index_codec: str, value_codec: str, comm,
+              own: SparseDelta | None = None) -> tuple[list[SparseDelta], str, int, int, int]:
+    """A sparse reduce-scatter's first half: pieces[j] (indices local to owner j's shard) goes to rank j,
+    in one all-to-all of encoded buffers; what every rank sent this one comes back decoded and
+    validated, in rank order. This rank's own piece never goes through bytes (`own`: it as the owner
+    would decode it; default pieces[me]); the all-to-all carries an empty buffer to itself.
+
+    Returns (parts, error, sent_bytes, recv_bytes, payload_bytes). A piece that does not decode gives
+    parts == [] and the reason in `error`, and nothing raised yet: only this owner knows, so the
+    caller must tell every rank (the split path: in phase 2's size exchange; a bare reduce-scatter:
+    a max over ranks) and raise everywhere alike, instead of leaving the others waiting in their
+    next collective. Used by SplitAllReduce and by the FSDP2 1-D sparse reduce-scatter."""
+    me, P = transport.rank, transport.world_size
+    if len(pieces) != P:
+        raise ValueError(f"to_owners needs one piece per rank ({P}), got {len(pieces)}")
+    with comm.phase("encode"):
+        bufs = [b"" if j == me else encode(p, index_codec, value_codec) for j, p in enumerate(pieces)]
+    with comm.phase("transfer"):
+        received = transport.all_to_all_bytes(bufs)
+    payload = sum(len(b) for b in bufs)
+    sent = payload + SIZE_BYTES * (P - 1)
+    recv = sum(len(b) for r, b in enumerate(received) if r != me) + SIZE_BYTES * (P - 1)
+    with comm.phase("decode"):
+        try:
+            parts = [(pieces[me] if own is None else own) if r == me else decode_from(r, buf, shard_numel)
+                     for r, buf in enumerate(received)]
+        except CodecError as err:
+            return [], f"owner rank {me}: {err}", sent, recv, payload
+    return parts, "", sent, recv, payload
 
 
 class SplitAllReduce:
@@ -129,37 +160,21 @@ class SplitAllReduce:
         closed = VALUE_CODECS[value_codec].closed_under_subsets
         with comm.phase("encode"):  # phase 1: cut at the shard bounds, local indices
             cuts = torch.searchsorted(d.indices, torch.tensor(self.bounds, device=d.indices.device)).tolist()
-            pieces, local = [], []
-            for j in range(P):
-                lo, hi = cuts[j], cuts[j + 1]
-                part = SparseDelta(d.indices[lo:hi] - self.bounds[j], d.values[lo:hi],
-                                   (self.bounds[j + 1] - self.bounds[j],), d.dtype)
-                # each piece is quantised on its own: for a codec not closed under subsets (int8: the
-                # piece's absmax sets its scale) what the owner decodes is the piece's round trip, and
-                # that is what leaves the residual; the others decode d's values unchanged (d is round-tripped)
-                local.append(part if closed else roundtrip_values(part, value_codec))  # = decode(encode(part))
-                # this rank's own piece never goes through bytes: it stays a tensor (one encode and
-                # decode fewer per exchange), the all-to-all carries an empty buffer to itself. (Safe
-                # here: a bad piece from a peer is still caught by its owner and announced to all in
-                # phase 2's size exchange. Phase 2 and the all-gather path decode every buffer,
-                # their own included, so that every rank raises alike on a corrupt one.)
-                pieces.append(b"" if j == me else encode(part, index_codec, value_codec))
-            if not closed and local:
-                d = d.with_values(torch.cat([p.values for p in local]))
-        with comm.phase("transfer"):
-            received = transport.all_to_all_bytes(pieces)
-        sent_bytes = sum(len(p) for j, p in enumerate(pieces) if j != me) + SIZE_BYTES * (P - 1)
-        recv_bytes = sum(len(b) for r, b in enumerate(received) if r != me) + SIZE_BYTES * (P - 1)
-
+            pieces = [SparseDelta(d.indices[cuts[j]:cuts[j + 1]] - self.bounds[j], d.values[cuts[j]:cuts[j + 1]],
+                                  (self.bounds[j + 1] - self.bounds[j],), d.dtype) for j in range(P)]
+            # each piece is quantised on its own: for a codec not closed under subsets (int8: the piece's
+            # absmax sets its scale) what the owner decodes is the piece's round trip, and that is what
+            # leaves the residual; the others decode d's values unchanged (d is already round-tripped)
+            if not closed and pieces:
+                d = d.with_values(torch.cat([roundtrip_values(p, value_codec).values for p in pieces]))
         lo, hi = self.shard
+        parts, error, sent_bytes, recv_bytes, payload = to_owners(
+            transport, pieces, hi - lo, index_codec, value_codec, comm,
+            own=pieces[me] if closed else roundtrip_values(pieces[me], value_codec))
         acc = self._accumulator(dev)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []  # (indices, previous values) to undo exactly
-        error, out_buf, out = "", b"", None
-        with comm.phase("decode"):  # owner: validate every piece before touching the accumulator
-            try:
-                parts = [local[me] if r == me else decode_from(r, buf, hi - lo) for r, buf in enumerate(received)]
-            except CodecError as err:
-                error, parts = f"owner rank {me}: {err}", []
+        out_buf, out = b"", None
+        with comm.phase("decode"):  # owner: every piece was validated before the accumulator is touched
             for part in parts:  # rank order: every owner sums the same way
                 idx = part.indices.to(dev)
                 saved.append((idx, acc[idx].clone()))
@@ -196,7 +211,7 @@ class SplitAllReduce:
         comm.add_sent(sent_bytes + (P - 1) * (top + SIZE_BYTES))
         comm.add_received(recv_bytes + (P - 1) * (top + SIZE_BYTES))
         self.last = {"shard_entries": sum(p.k for p in parts), "owner_sent_entries": out.k,
-                     "aggregate_entries": sum(o.k for o in owners), "payload_bytes": sum(len(p) for p in pieces)}
+                     "aggregate_entries": sum(o.k for o in owners), "payload_bytes": payload}
         for j, o in enumerate(owners):
             o.indices = o.indices + self.bounds[j]
             o.shape = (self.numel,)

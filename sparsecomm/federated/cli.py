@@ -3,6 +3,8 @@
     sparsecomm federated --rounds 20 --set density_up=0.01 density_down=0.01 split=noniid
     sparsecomm federated --transport flower --set clients=4 rounds=5          # Flower simulation (Ray)
     sparsecomm federated --base ckpt/ --out runs/fed.json                      # from a save_pretrained model
+    sparsecomm federated --transport zmq-server --bind tcp://0.0.0.0:5600 --set clients=4 rounds=5
+    sparsecomm federated --transport zmq-client --connect tcp://HOST:5600 --client 0     # one per client
 
 Every FedConfig field can be set with `--set name=value` (values parsed as Python literals:
 `tasks=('addition','sort')`, `grpo={'group_size':4,'max_new_tokens':4,'beta':0.0}`). The base
@@ -18,8 +20,13 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--transport", choices=("local", "flower"), default="local",
-                   help="local: the in-process loop; flower: Flower's simulation (needs sparsecomm[federated])")
+    p.add_argument("--transport", choices=("local", "flower", "zmq-server", "zmq-client"), default="local",
+                   help="local: the in-process loop; flower: Flower's simulation (needs sparsecomm[federated]); "
+                        "zmq-server / zmq-client: one server and a process per client over ZeroMQ")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5600", help="zmq-server: address to bind")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5600", help="zmq-client: the server's address")
+    p.add_argument("--client", type=int, help="zmq-client: this client's id (its data partition), 0..clients-1")
+    p.add_argument("--leave-after", type=int, help="zmq-client: leave after uploading in this many rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="FedConfig overrides")
     p.add_argument("--base", help="base checkpoint directory (save_pretrained); default: the built-in model from seed")
     p.add_argument("--out", help="write round reports and final accuracy here (JSON)")
@@ -46,13 +53,25 @@ def run(args) -> int:
     from .config import FedConfig
     from .loop import FedRun
 
+    def base_for(cfg):
+        model, _ = build_model(args.base or cfg.model, char_tokenizer() if not args.base else None, seed=cfg.seed)
+        return model_state(model)
+
+    if args.transport == "zmq-client":  # the configuration comes from the server
+        from .zeromq import ZmqFedClient
+
+        if args.client is None:
+            print("sparsecomm federated: error: --transport zmq-client needs --client ID")
+            return 2
+        c = ZmqFedClient(args.connect, args.client, base_for, leave_after=args.leave_after).run()
+        print(json.dumps({"client": args.client, "rounds": c.rounds, "refused": c.refused}))
+        return 0
     try:
         cfg = FedConfig.from_dict(_overrides(args.set))
     except (ValueError, TypeError) as e:
         print(f"sparsecomm federated: error: {e}")
         return 2
-    model, _ = build_model(args.base or cfg.model, char_tokenizer() if not args.base else None, seed=cfg.seed)
-    base = model_state(model)
+    base = base_for(cfg)
     local = FedRun(cfg, base)  # also the evaluator of the Flower run's final model
     reports = []
     if args.transport == "local":
@@ -60,6 +79,17 @@ def run(args) -> int:
             rep = local.round(rnd)
             reports.append(dataclasses.asdict(rep))
             print(f"round {rnd}: accepted {rep.accepted} refused {rep.refused} up {rep.bytes_up} B down {rep.bytes_down} B")
+    elif args.transport == "zmq-server":
+        from .client import to_wire
+        from .zeromq import ZmqFedServer
+
+        zs = ZmqFedServer(cfg, to_wire(base, cfg.layout), args.bind)
+        print(f"federated server on {zs.address}: waiting for {cfg.clients} clients", flush=True)
+        reports = [dataclasses.asdict(r) for r in zs.serve()]
+        for r in reports:
+            print(f"round {r['round']}: accepted {r['accepted']} refused {r['refused']} missing {r['missing']} "
+                  f"up {r['bytes_up']} B down {r['bytes_down']} B")
+        local.server = zs.server  # evaluate the model the clients hold
     else:
         from .flower import run_simulation
 

@@ -140,4 +140,6 @@ class FedConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"FedConfig: unknown fields {unknown}")
-        return cls(**d)
+        # JSON (Flower's ConfigRecord, the ZeroMQ welcome) turns tuples into lists: restore them
+        tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})

@@ -64,11 +64,11 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..codec import VALUE_CODECS, encode, roundtrip_values
+from ..codec import VALUE_CODECS, CodecError, roundtrip_values
 from ..compress import ErrorFeedback, k_for, make_selector, subtract_sent_
-from ..exchange.aggregate import decode_from
 from ..exchange.paths import PATHS
 from ..exchange.pipeline import DenseSink, SparseExchange
+from ..exchange.split import to_owners
 from ..track.comm import CommTracker, ring_allreduce_bytes
 
 log = logging.getLogger("sparsecomm.fsdp")
@@ -181,7 +181,7 @@ class SparseFSDPState:
     # ------------------------------------------------------------------ 1-D: the sparse reduce-scatter
     def _reduce_scatter(self, key: str, out: torch.Tensor, inp: torch.Tensor, group, op) -> None:
         """Owner j receives the top-k of every rank's chunk j (sender-side error feedback)."""
-        from ..exchange.torch_dist import SIZE_BYTES, TorchDistTransport
+        from ..exchange.torch_dist import TorchDistTransport
 
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             raise ValueError(f"sparse reduce-scatter supports SUM and AVG reductions, FSDP asked for {op} "
@@ -203,21 +203,20 @@ class SparseFSDPState:
                 transport = self._transports.get(id(group))
                 if transport is None:  # one per group: its send / receive buffers are reused
                     transport = self._transports[id(group)] = TorchDistTransport(group)
-                self._sparse_reduce_scatter(key, e, out, k, group, op, transport, SIZE_BYTES)
+                self._sparse_reduce_scatter(key, e, out, k, op, transport)
         self._mark(key)
 
-    def _sparse_reduce_scatter(self, key, e, out, k, group, op, transport, size_bytes) -> None:
-        c, S, n, me = self.comm, transport.world_size, out.numel(), transport.rank
+    def _sparse_reduce_scatter(self, key, e, out, k, op, transport) -> None:
+        c, S, n = self.comm, transport.world_size, out.numel()
         vc, ic = self.settings["value_codec"], self.settings["index_codec"]
         sels = self.selectors.setdefault(key, [self._selector(len(self.selectors) * S + j) for j in range(S)])
         with c.phase("select"):  # (k,) per owner, values as the owner will decode them
             sent = [roundtrip_values(sels[j].select(e[j * n:(j + 1) * n], k), vc) for j in range(S)]
-        with c.phase("encode"):
-            pieces = [encode(d, ic, vc) for d in sent]
-        with c.phase("transfer"):
-            received = transport.all_to_all_bytes(pieces)
-        with c.phase("decode"):
-            parts = [decode_from(r, buf, n) for r, buf in enumerate(received)]  # all validated before any sum
+        # the split all-reduce's phase 1 (exchange/split.py), every piece validated before any sum
+        parts, error, sent_b, recv_b, _ = to_owners(transport, sent, n, ic, vc, c)
+        if transport.max_over_ranks(1.0 if error else 0.0) > 0:  # an owner refused a piece: every rank raises
+            raise CodecError(error or "sparse reduce-scatter: an owner refused a piece from a peer (see its log); "
+                                      "nothing was applied and no residual changed")
         with c.phase("apply"):
             acc = torch.zeros(n, dtype=torch.float32, device=out.device)
             for part in parts:  # rank order: the same sum on every run
@@ -227,8 +226,6 @@ class SparseFSDPState:
             out.copy_(acc.view_as(out))
         for j, d in enumerate(sent):  # sender-side error feedback: what was sent leaves the residual
             subtract_sent_(e[j * n:(j + 1) * n], d)
-        sent_b = sum(len(p) for j, p in enumerate(pieces) if j != me) + size_bytes * (S - 1)
-        recv_b = sum(len(b) for r, b in enumerate(received) if r != me) + size_bytes * (S - 1)
         c.add_sent(sent_b)
         c.add_received(recv_b)
         c.note(path="sparse_reduce_scatter", k=k, density=k / max(n, 1), index_codec=ic,

@@ -249,6 +249,17 @@ def reduce_scatter(rank):
         errs.append(float((applied + residual - total).abs().max() / total.abs().max()))
     out["conservation"] = max(errs)
     out["metrics"] = {k: v for k, v in state.last_metrics.items() if isinstance(v, (int, float, str))}
+    # a corrupt piece from rank 3: every rank raises the same clear error, none waits
+    (tr,) = state._transports.values()
+    real = tr.all_to_all_bytes
+    if rank == 3:
+        tr.all_to_all_bytes = lambda bufs: real([b[:-5] + b"junk!" if len(b) > 5 else b for b in bufs])
+    try:
+        train(sparse_model, rank, 1, first_step=1)
+        out["corrupt"] = "no error"
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out["corrupt"] = f"{type(err).__name__}: {err}"
+    tr.all_to_all_bytes = real
     state.close()
     return out
 

@@ -230,3 +230,65 @@ def test_cli_runs_rounds_and_refuses_a_bad_config(tmp_path, capsys):
     assert "global" in data["final"]
     assert main(["federated", "--set", "aggregator=fedprox"]) == 2
     assert "mu > 0" in capsys.readouterr().out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zeromq_transport_matches_in_process_rounds_with_a_leaver_and_hostile_requests(base):
+    """The ZeroMQ transport: the server in this process, three client processes (`sparsecomm federated
+    --transport zmq-client`); client 2 leaves after round 1. Junk, an unknown op, a bad client id and an
+    upload for a round that is not open are answered with an error or a refusal and change nothing; rounds
+    2 and 3 close at their deadline with the quorum of 2; the final model equals the in-process run of the
+    same rounds (client 2 dropped in 2 and 3) bit for bit."""
+    import subprocess
+    import sys
+    import threading
+
+    import msgpack
+    import zmq
+
+    from sparsecomm.federated.zeromq import ZmqFedServer
+
+    cfg = FedConfig(**SMALL, rounds=3, quorum=2, deadline_s=3.0, startup_timeout_s=120.0,
+                    density_up=0.05, density_down=0.05)
+    server = ZmqFedServer(cfg, to_wire(base, cfg.layout), "tcp://127.0.0.1:0", drain_s=20.0)
+    ctx = zmq.Context()
+    bad = ctx.socket(zmq.DEALER)
+    bad.setsockopt(zmq.LINGER, 0)
+    bad.connect(server.address)
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(server.serve()), daemon=True)
+    thread.start()
+    answers = []
+    for req in (b"\xc1junk", msgpack.packb({"op": "steal", "client": 0}), msgpack.packb({"op": "poll", "client": 99}),
+                msgpack.packb({"op": "upload", "client": 0, "round": 7, "payload": b"x", "weight": 1.0})):
+        bad.send(req)
+        assert bad.poll(10_000), "the server did not answer a bad request"
+        answers.append(msgpack.unpackb(bad.recv(), raw=False))
+    bad.close(0)
+    ctx.term()
+    assert [a["op"] for a in answers] == ["error", "error", "error", "ack"] and answers[3]["accepted"] is False
+    assert "not the open round" in answers[3]["reason"]
+    code = "from sparsecomm.cli import main; raise SystemExit(main())"
+    procs = [subprocess.Popen([sys.executable, "-c", code, "federated", "--transport", "zmq-client", "--connect",
+                               server.address, "--client", str(c), *(["--leave-after", "1"] if c == 2 else [])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in range(3)]
+    try:
+        thread.join(timeout=240)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert not thread.is_alive() and replies, "the server did not finish its rounds"
+    assert all(p.returncode == 0 for p in procs), outs
+    r1, r2, r3 = replies[0]
+    assert sorted(r1.accepted) == [0, 1, 2] and r1.applied, r1
+    for r in (r2, r3):
+        assert sorted(r.accepted) == [0, 1] and r.missing == [2] and r.applied, r
+    assert server.errors == 3 and server.server.version == 3
+    local = FedRun(cfg, base)
+    local.round(1)
+    local.round(2, drop={2})
+    local.round(3, drop={2})
+    assert torch.equal(server.server.broadcast["model"], local.server.broadcast["model"])

@@ -33,6 +33,8 @@ sparsecomm.research.stats; `pip install -e '.[research]'`).
                                                      # split vs all-gather path, 10 fresh seeds (margin: results file)
     python benchmarks/bench_convergence.py --methods dense,aspg-1%,aspg-1%-bf16,aspg-1%-bf16-nomaster --seeds 30-34 \
         --name convergence_bf16                      # pure bf16 with and without fp32 master weights
+    python benchmarks/bench_convergence.py --methods dense,fsdp2-native,fsdp2-1% --seeds 60-62 --name convergence_fsdp2
+                                                     # FSDP2 HSDP (4 ranks): native vs the sparse hook (plan: results file)
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """
 from __future__ import annotations
@@ -86,15 +88,21 @@ METHODS = {
     "aspg-1%-bf16": ["comm=aspg", "optimizer=aspg", "density=0.01", "precision=bf16"],
     "aspg-1%-bf16-nomaster": ["comm=aspg", "optimizer=aspg", "density=0.01", "precision=bf16",
                               "aspg.master_weights=false"],
+    # FSDP2 HSDP on 4 ranks (2 replica groups x 2 shards; recipe launch/recipes/fsdp2_hsdp.yaml):
+    # native HSDP (dense all-reduce across the replicas) vs the sparse cross-replica hook at 1%
+    "fsdp2-native": ["engine=fsdp2", "mesh=2x2", "comm=ddp", "optimizer=adamw"],
+    "fsdp2-1%": ["engine=fsdp2", "mesh=2x2", "comm=hook", "optimizer=adamw", "density=0.01"],
 }
-OPT_IN = ("dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather", "aspg-1%-split", "aspg-1%-split-share2",
+NPROC = {"fsdp2-native": 4, "fsdp2-1%": 4}  # processes per run (default 2)
+OPT_IN = ("fsdp2-native", "fsdp2-1%", "dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather", "aspg-1%-split", "aspg-1%-split-share2",
           "aspg-1%-split-exact", "aspg-1%-bf16", "aspg-1%-bf16-nomaster")
 DEFAULT_METHODS = [m for m in METHODS if m not in OPT_IN]
 
 
 def run(method: str, seed: int, out: Path, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NPROC.get(method, 2)),
+           "--master-addr", "127.0.0.1",
            "--master-port", str(29600 + seed), str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/recipes/demo.yaml"),
            f"run_dir={out}", f"seed={seed}", "console_every=100000", *METHODS[method], *extra]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)

@@ -244,7 +244,10 @@ class Trainer:
                                   hot_window=cfg.hot_window, hot_definition=cfg.hot_definition if cfg.hot_window else None)
         ranks = RankTracker(self.model, every=cfg.rank_every) if cfg.rank_every else None
         stack: list[torch.Tensor] = []  # the plan's stacked method: the last rank_stack flattened gradients
-        comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0)
+        # engine=fsdp2: the measured dense baseline all-reduces each rank's local shards across the replica
+        # group (HSDP's cross-replica reduction); over the whole world the ranks' shard sizes differ
+        comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0,
+                           group=self.mesh["replicate"].get_group() if self.mesh is not None else None)
         whole = self._whole_run_rank(ck)
         numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # what is communicated
         for step in range(start + 1, cfg.rl_steps + 1):

@@ -8,8 +8,6 @@ rounds and faults agree bit for bit (torch.equal).
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -197,9 +195,7 @@ def test_flower_simulation_matches_in_process_rounds_with_a_straggler_and_a_drop
     flower = pytest.importorskip("sparsecomm.federated.flower")
     deadline = 15.0
     cfg = FedConfig(**SMALL, rounds=3, deadline_s=deadline, density_up=0.05, density_down=0.05)
-    t0 = time.perf_counter()
     out = flower.run_simulation(cfg, base, flower.Faults(sleep_s={1: {3: deadline + 3}}, fail={2: {2}}), num_cpus=3)
-    wall_s = time.perf_counter() - t0
     strat = out["strategy"]
     r1, r2, r3 = strat.reports
     assert sorted(r1.accepted) == [0, 1, 2], r1
@@ -213,7 +209,9 @@ def test_flower_simulation_matches_in_process_rounds_with_a_straggler_and_a_drop
     local.round(3, late={1})
     got = flower._tensors(out["result"].arrays)
     assert torch.equal(got["model"], local.server.broadcast["model"])
-    assert strat.server.version == 3 and wall_s < 80
+    # no wall-clock bound on the whole run (it measured 40-120 s with the machine idle or loaded): a round that
+    # waited for the straggler instead of its deadline fails the round_s check above
+    assert strat.server.version == 3
 
 
 def test_cli_runs_rounds_and_refuses_a_bad_config(tmp_path, capsys):

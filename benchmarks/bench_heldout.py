@@ -239,11 +239,16 @@ def summarize(data: dict) -> list[dict]:
     return rows
 
 
+def _times(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # dense vs bf16 dense is 0.5x, not "0"
+
+
 def render(data: dict) -> str:
     rows, margin = data["rows"], data["margin"]
     head = ("**PILOT: decides nothing** (fewer seeds or methods than the plan; not evidence for or against any "
             "method).\n\n" if data["pilot"] else "")
-    md = [head, f"Task `{data['task']}` (`" + " ".join(data["job"]) + "`), 2 workers, seeds {data['seeds']}; outcome: "
+    job = " ".join(data["job"] + CANDIDATES.get(data["task"], []))  # the task's overrides come last and win
+    md = [head, f"Task `{data['task']}` (`{job}`), 2 workers, seeds {data['seeds']}; outcome: "
           "greedy exact-match accuracy on 500 distinct held-out prompts after RL. Difference = method - dense paired by "
           f"seed; margin {margin:+g} (fixed in heldout_plan.md before the run). Bytes: what each worker sent in the RL "
           "phase (encoded buffers; DDP: ring all-reduce volume; PowerSGD: formula) vs a ring all-reduce of the same "
@@ -254,7 +259,7 @@ def render(data: dict) -> str:
                   f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if "diff" in r else "reference",
                   f"{r['lower_one_sided']:+.3f}" if "diff" in r else "", f"{r['p_one_sided']:.3g}" if "diff" in r else "",
                   f"{r['cohens_dz']:+.2f}" if "diff" in r else "", r.get("verdict", ""), f"{r['sent_bytes']:,.0f}",
-                  f"{r['x_vs_fp32_dense']:.0f}", f"{r['x_vs_bf16_dense']:.0f}"] for r in rows])]
+                  _times(r["x_vs_fp32_dense"]), _times(r["x_vs_bf16_dense"])] for r in rows])]
     ok = [r for r in rows if r.get("verdict") == "non-inferior"]
     if not data["pilot"]:
         best = max(ok, key=lambda r: r["x_vs_fp32_dense"], default=None)

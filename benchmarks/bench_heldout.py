@@ -191,8 +191,9 @@ def evaluate(a) -> int:
     seeds = parse_seeds(a.seeds) if a.seeds else plan["seeds"]
     if not a.pilot and (seeds != plan["seeds"] or "dense" not in methods):
         raise SystemExit(f"the pre-registered evaluation runs seeds {plan['seeds']} with dense; anything else is --pilot")
-    runs = _runs(methods, seeds, lambda m: [*METHODS[m], *JOB, *CANDIDATES[CHOSEN], f"rl_lr={tuned_lr(m)}"])
+    # the commit the runs start from (each run imports the working tree; keep it unchanged while this runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    runs = _runs(methods, seeds, lambda m: [*METHODS[m], *JOB, *CANDIDATES[CHOSEN], f"rl_lr={tuned_lr(m)}"])
     data = {"runs": runs, "seeds": seeds, "methods": methods, "margin": plan["margin"], "pilot": bool(a.pilot),
             "task": CHOSEN, "job": JOB, "lr": {m: tuned_lr(m) for m in methods}, "commit": commit,
             "deviations": list(a.deviation), "not_run": [m for m in METHODS if m not in methods]}

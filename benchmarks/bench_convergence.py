@@ -41,15 +41,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, run_demo_job, table, write_results  # noqa: E402
 
 from sparsecomm.research import stats as S  # noqa: E402
 from sparsecomm.research.matrix import kind_density_override  # noqa: E402
@@ -100,16 +98,9 @@ DEFAULT_METHODS = [m for m in METHODS if m not in OPT_IN]
 
 
 def run(method: str, seed: int, out: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(NPROC.get(method, 2)),
-           "--master-addr", "127.0.0.1",
-           "--master-port", str(29600 + seed), str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/recipes/demo.yaml"),
-           f"run_dir={out}", f"seed={seed}", "console_every=100000", *METHODS[method], *extra]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if r.returncode:
-        raise RuntimeError(f"{method} seed {seed} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    rows = [json.loads(line)["metrics"] for line in (out / "stats_rank0.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
+    j = run_demo_job(out, seed, [*METHODS[method], *extra], nproc=NPROC.get(method, 2), port=29600 + seed,
+                     what=f"{method} seed {seed}")
+    rows, summary = j["rows"], j["summary"]
     sent, cum = 0, []
     for m in rows:
         sent += m.get("comm/sent_bytes", 0) if not isinstance(m.get("comm/sent_bytes"), str) else 0

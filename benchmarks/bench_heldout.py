@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, run_demo_job, table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WD = "aspg.weight_decay=0.01"  # = torch AdamW's default: one decay policy for every method
@@ -77,18 +75,8 @@ CHOSEN = "sort8-sft100"  # set from heldout_calibration.md before the plan was w
 
 def run(name: str, seed: int, overrides: list[str], out: Path) -> dict:
     """One 2-worker job; returns its held-out accuracy, reward, bytes and CPU seconds."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(29700 + seed % 200), str(ROOT / "launch/train.py"), "--config",
-           str(ROOT / "launch/recipes/demo.yaml"), f"run_dir={out}", f"seed={seed}", "console_every=100000", *overrides]
-    t0, c0 = time.perf_counter(), os.times()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    c1 = os.times()
-    if r.returncode:
-        raise RuntimeError(f"{name} seed {seed} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    rows = [json.loads(line)["metrics"] for line in (out / "stats_rank0.jsonl").read_text().splitlines()]
-    s = json.loads((out / "summary.json").read_text())
-    sent = sum(m.get("comm/sent_bytes", 0) for m in rows if isinstance(m.get("comm/sent_bytes"), (int, float)))
+    j = run_demo_job(out, seed, overrides, port=29700 + seed % 200, what=f"{name} seed {seed}")
+    rows, s, sent = j["rows"], j["summary"], j["sent_bytes"]
     w = s.get("whole_run_rank", {})
     return {"method": name, "seed": seed, "heldout_accuracy": s["eval_accuracy_after_rl"],
             "heldout_accuracy_before": s["eval_accuracy_before_rl"],
@@ -97,7 +85,7 @@ def run(name: str, seed: int, overrides: list[str], out: Path) -> dict:
             "batch_tokens_mean": s.get("batch_tokens_mean"),
             "whole_run": {k.removeprefix("rank/whole_run/"): v for k, v in w.items() if k.count("/") == 2 or "mean_" in k
                           or k.endswith("/global")},
-            "wall_s": time.perf_counter() - t0, "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)}
+            "wall_s": j["wall_s"], "cpu_s": j["cpu_s"]}
 
 
 def _runs(names: list[str], seeds: list[int], overrides_of) -> list[dict]:

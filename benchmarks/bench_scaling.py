@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import METHODS as CONVERGENCE_METHODS  # noqa: E402
-from common import RESULTS, table, write_results  # noqa: E402
+from common import RESULTS, run_demo_job, table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {m: CONVERGENCE_METHODS[m] for m in ("dense", "aspg-10%", "aspg-1%", "aspg-0.1%")}  # the same overrides
@@ -45,17 +42,9 @@ JOB = ["task=sort", "task_kwargs={length: 8}", "sft_steps=100", "grpo.max_new_to
 
 
 def run(method: str, P: int, seed: int, steps: int, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(P), "--master-addr", "127.0.0.1",
-           "--master-port", str(29900 + P), str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/recipes/demo.yaml"),
-           f"run_dir={out}", f"seed={seed}", "console_every=100000", f"rl_steps={steps}", *JOB, *METHODS[method]]
-    t0, c0 = time.perf_counter(), os.times()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    c1 = os.times()
-    if r.returncode:
-        raise RuntimeError(f"{method} P={P} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    rows = [json.loads(line)["metrics"] for line in (out / "stats_rank0.jsonl").read_text().splitlines()]
-    s = json.loads((out / "summary.json").read_text())
+    j = run_demo_job(out, seed, [f"rl_steps={steps}", *JOB, *METHODS[method]], nproc=P, port=29900 + P,
+                     what=f"{method} P={P}")
+    rows, s = j["rows"], j["summary"]
     num = lambda k: [m[k] for m in rows if isinstance(m.get(k), (int, float))]  # noqa: E731
     sent = sum(num("comm/sent_bytes"))
     w = max(1, len(rows) // 4)
@@ -65,8 +54,7 @@ def run(method: str, P: int, seed: int, steps: int, out: Path) -> dict:
             "dense_fp32_bytes": s["dense_equiv_bytes_total"],
             "union_density": 1 - statistics.mean(num("sparsity/fp32_exact/global")),
             "paths": dict(collections.Counter(m.get("comm/path", "?") for m in rows)),
-            "wall_s": time.perf_counter() - t0,
-            "cpu_s_per_rank": ((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)) / P}
+            "wall_s": j["wall_s"], "cpu_s_per_rank": j["cpu_s"] / P}
 
 
 def render(data: dict) -> str:

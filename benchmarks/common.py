@@ -116,3 +116,27 @@ def run_ranks(link: str, P: int, argv, timeout_s: int = 3600) -> None:
                 p.wait(timeout=timeout_s)
     if any(p.returncode for p in procs):
         raise RuntimeError(f"{link} P={P}: a rank failed (exit codes {[p.returncode for p in procs]})")
+
+
+def run_demo_job(out: Path, seed: int, overrides: list[str], *, nproc: int = 2, port: int, what: str) -> dict:
+    """One run of the demo job (launch/recipes/demo.yaml + overrides) under torchrun on loopback, as the
+    convergence, held-out and scaling benchmarks run it: {"rows": rank 0's metrics per step, "summary",
+    "sent_bytes" (summed comm/sent_bytes), "wall_s", "cpu_s" (all ranks' CPU seconds)}. `what` names the
+    run in the error raised when it fails."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(root / "launch/train.py"), "--config", str(root / "launch/recipes/demo.yaml"),
+           f"run_dir={out}", f"seed={seed}", "console_every=100000", *overrides]
+    t0, c0 = time.perf_counter(), os.times()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    c1 = os.times()
+    if r.returncode:
+        raise RuntimeError(f"{what} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    rows = [json.loads(line)["metrics"] for line in (out / "stats_rank0.jsonl").read_text().splitlines()]
+    sent = sum(m.get("comm/sent_bytes", 0) for m in rows if isinstance(m.get("comm/sent_bytes"), (int, float)))
+    return {"rows": rows, "summary": json.loads((out / "summary.json").read_text()), "sent_bytes": sent,
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system)}

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_merge import sft  # noqa: E402
 from common import RESULTS, figure_row, rewrite_markdown, save_figure, table, write_results  # noqa: E402
 
 from sparsecomm.federated import FedConfig, FedRun  # noqa: E402
 from sparsecomm.federated.client import model_state  # noqa: E402
-from sparsecomm.rl.losses import sft_loss  # noqa: E402
 from sparsecomm.rl.models import build_model, char_tokenizer  # noqa: E402
 from sparsecomm.rl.tasks import datasets, make_task  # noqa: E402
 
@@ -60,13 +59,7 @@ def warm_start(seed: int, steps: int) -> dict:
     model, _ = build_model("tiny", tok, seed=seed)
     data = [e for i, (t, kw) in enumerate(TASK_KW.items())
             for e in datasets(make_task(t, **kw), seed=seed + 50 + i, n_pretrain=0, n_sft=1000, n_rl=0)["sft"]]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
-    for _ in range(steps):
-        loss = sft_loss(model, tok, rng.sample(data, 32))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    sft(model, tok, data, steps, lr=3e-3, seed=seed)  # the merge benchmark's SFT loop (same sampling, same seed)
     return model_state(model)
 
 

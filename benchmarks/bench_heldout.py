@@ -177,14 +177,23 @@ def evaluate(a) -> int:
     plan = _plan()
     methods = a.methods.split(",") if a.methods else list(METHODS)
     seeds = parse_seeds(a.seeds) if a.seeds else plan["seeds"]
-    if not a.pilot and (seeds != plan["seeds"] or "dense" not in methods):
+    path = RESULTS / f"{name}.json"
+    # run in chunks of methods (like `tune`): the pre-registered file keeps earlier chunks' methods, with the
+    # commit each chunk ran at; a method named again is rerun
+    old = json.loads(path.read_text()) if path.exists() and not a.pilot else None
+    kept = [m for m in old["methods"] if m not in methods] if old else []
+    if not a.pilot and (seeds != plan["seeds"] or "dense" not in methods + kept):
         raise SystemExit(f"the pre-registered evaluation runs seeds {plan['seeds']} with dense; anything else is --pilot")
     # the commit the runs start from (each run imports the working tree; keep it unchanged while this runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     runs = _runs(methods, seeds, lambda m: [*METHODS[m], *JOB, *CANDIDATES[CHOSEN], f"rl_lr={tuned_lr(m)}"])
-    data = {"runs": runs, "seeds": seeds, "methods": methods, "margin": plan["margin"], "pilot": bool(a.pilot),
-            "task": CHOSEN, "job": JOB, "lr": {m: tuned_lr(m) for m in methods}, "commit": commit,
-            "deviations": list(a.deviation), "not_run": [m for m in METHODS if m not in methods]}
+    commits = {m: (old.get("commits") or {}).get(m, old.get("commit")) for m in kept} if old else {}
+    order = [m for m in METHODS if m in kept or m in methods]
+    data = {"runs": [r for r in old["runs"] if r["method"] in kept] + runs if old else runs, "seeds": seeds,
+            "methods": order, "margin": plan["margin"], "pilot": bool(a.pilot), "task": CHOSEN, "job": JOB,
+            "lr": {m: tuned_lr(m) for m in order}, "commits": {**commits, **{m: commit for m in methods}},
+            "deviations": [*(old["deviations"] if old else []), *a.deviation],
+            "not_run": [m for m in METHODS if m not in order]}
     data["rows"] = summarize(data)
     md = render(data)
     print(md)
@@ -258,10 +267,14 @@ def render(data: dict) -> str:
             "PASS" if best and best["x_vs_fp32_dense"] >= 300 else "FAIL"]]))
     if data.get("not_run") or data.get("deviations"):
         md.append("\n## deviations from the plan\n\n" + "".join(f"- {d}\n" for d in data.get("deviations", []))
-                  + (f"- Not evaluated in this run: {', '.join(data['not_run'])} (each method is its own test, so the "
+                  + (f"- Not evaluated yet: {', '.join(data['not_run'])} (each method is its own test, so the "
                      "verdicts above stand alone; the rest of the plan is still open).\n" if data.get("not_run") else ""))
-    if data.get("commit"):
-        md.append(f"\nCode: commit {data['commit']}.\n")
+    commits = data.get("commits") or ({m: data["commit"] for m in data["methods"]} if data.get("commit") else {})
+    if commits:
+        by = {}
+        for m, c in commits.items():
+            by.setdefault(c, []).append(m)
+        md.append("\nCode: " + "; ".join(f"commit {c} ({', '.join(ms)})" for c, ms in by.items()) + ".\n")
     md.append(f"\n![held-out accuracy vs bytes]({'heldout_pilot' if data['pilot'] else 'heldout'}.png)\n")
     return "".join(md)
 

@@ -5,6 +5,8 @@
     sparsecomm federated --base ckpt/ --out runs/fed.json                      # from a save_pretrained model
     sparsecomm federated --transport zmq-server --bind tcp://0.0.0.0:5600 --set clients=4 rounds=5
     sparsecomm federated --transport zmq-client --connect tcp://HOST:5600 --client 0     # one per client
+    flwr run deploy/flower LINK --run-config 'set="clients=4 rounds=5" out="fed.json"'  # flower-superlink/-supernode
+                                                   # (deploy/flower/README.md: the processes to start first)
 
 Every FedConfig field can be set with `--set name=value` (values parsed as Python literals:
 `tasks=('addition','sort')`, `grpo={'group_size':4,'max_new_tokens':4,'beta':0.0}`). The base
@@ -45,17 +47,30 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def base_state(cfg, base_dir: str | None = None) -> dict:
+    """The federated run's starting weights: a save_pretrained directory, or the built-in model from cfg.seed."""
+    from ..rl.models import build_model, char_tokenizer
+    from .client import model_state
+
+    model, _ = build_model(base_dir or cfg.model, char_tokenizer() if not base_dir else None, seed=cfg.seed)
+    return model_state(model)
+
+
+def write_report(path: str | None, cfg, reports: list[dict], final: dict, **extra) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"config": cfg.to_dict(), "rounds": reports, "final": final, **extra},
+                                         indent=2, default=str))
+
+
 def run(args) -> int:
     import dataclasses
 
-    from ..rl.models import build_model, char_tokenizer
-    from .client import model_state
     from .config import FedConfig
     from .loop import FedRun
 
     def base_for(cfg):
-        model, _ = build_model(args.base or cfg.model, char_tokenizer() if not args.base else None, seed=cfg.seed)
-        return model_state(model)
+        return base_state(cfg, args.base)
 
     if args.transport == "zmq-client":  # the configuration comes from the server
         from .zeromq import ZmqFedClient
@@ -98,7 +113,5 @@ def run(args) -> int:
         local.server = sink["strategy"].server  # evaluate the model the Flower clients hold
     final = local.evaluate()
     print(json.dumps(final))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"config": cfg.to_dict(), "rounds": reports, "final": final}, indent=2, default=str))
+    write_report(args.out, cfg, reports, final)
     return 0

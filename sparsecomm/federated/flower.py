@@ -27,9 +27,12 @@ trains from its older state (still consistent: downlinks carry versions, and wha
 the lost reply is simply lost, as for a dropout after sending).
 
 The FedConfig travels in every train message (ConfigRecord "sparsecomm.cfg", JSON), so the
-client side needs no configuration besides its partition id, so the same apps are meant to run under
-`flower-superlink` / `flower-supernode --node-config "partition-id=0"` processes (not yet run here:
-only Flower's simulation runtime is tested).
+client side needs no configuration besides its partition id. The same apps run under Flower's
+deployment runtime: `server_app` and `client_app` below are the components of the Flower App in
+deploy/flower/ (its pyproject.toml), started with `flower-superlink`, one
+`flower-supernode --node-config "partition-id=N"` per client and `flwr run deploy/flower LINK
+--run-config 'set="clients=4 rounds=5" out="fed.json"'` (deploy/flower/README.md;
+tests/integration/test_federated.py runs exactly that on loopback).
 """
 from __future__ import annotations
 
@@ -152,22 +155,26 @@ class SparseDeltaStrategy(Strategy):
         return None
 
 
+def serve(grid: Grid, cfg: FedConfig, base: State, sink: dict, evaluate_fn=None) -> None:
+    """Run `cfg.rounds` rounds on `grid` (the body of both ServerApps); the strategy and Flower's Result land in `sink`."""
+    strategy = SparseDeltaStrategy(cfg, to_wire(base, cfg.layout))
+    sink["strategy"] = strategy
+    strategy.handshake(grid)
+    ev = None
+    if evaluate_fn is not None:
+        def ev(rnd, arrays):
+            return MetricRecord(evaluate_fn(from_wire(_tensors(arrays), base, cfg.layout)))
+    sink["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=strategy.server.broadcast),
+                                    num_rounds=cfg.rounds, timeout=cfg.deadline_s, evaluate_fn=ev)
+
+
 def make_server_app(cfg: FedConfig, base: State, sink: dict, evaluate_fn=None) -> ServerApp:
-    """A ServerApp running `cfg.rounds` rounds; the strategy and Flower's Result land in `sink`."""
+    """A ServerApp running `cfg.rounds` rounds (for the simulation, which takes the app object)."""
     app = ServerApp()
-    like = base
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = SparseDeltaStrategy(cfg, to_wire(base, cfg.layout))
-        sink["strategy"] = strategy
-        strategy.handshake(grid)
-        ev = None
-        if evaluate_fn is not None:
-            def ev(rnd, arrays):
-                return MetricRecord(evaluate_fn(from_wire(_tensors(arrays), like, cfg.layout)))
-        sink["result"] = strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=strategy.server.broadcast),
-                                        num_rounds=cfg.rounds, timeout=cfg.deadline_s, evaluate_fn=ev)
+        serve(grid, cfg, base, sink, evaluate_fn)
     return app
 
 
@@ -257,3 +264,43 @@ def run_simulation(cfg: FedConfig, base: State, faults: Faults | None = None, ev
     if "result" not in sink:
         raise RuntimeError("the Flower ServerApp did not finish (see the log above)")
     return sink
+
+
+# --------------------------------------------------------------------- deployment runtime
+# The components deploy/flower/pyproject.toml names. The run config (`flwr run --run-config`) has three
+# strings: `set` (FedConfig overrides, `sparsecomm federated --set` syntax, separated by spaces, none inside
+# a value), `base` (a save_pretrained directory on the SuperLink's machine, or "" for the built-in model) and
+# `out` (where the ServerApp writes the round reports, the final held-out accuracy and the final model's
+# fingerprint as JSON, or "").
+
+def _deployment_main(grid: Grid, context: Context) -> None:
+    import dataclasses
+    import shlex
+
+    from .cli import _overrides, base_state, write_report
+    from .loop import FedRun
+    from .zeromq import fingerprint
+
+    rc = context.run_config
+    cfg = FedConfig.from_dict(_overrides(shlex.split(str(rc.get("set", "")), posix=False)))  # keeps quotes in values
+    nodes = len(grid.get_node_ids())
+    if nodes < cfg.quorum:
+        print(f"sparsecomm: {nodes} SuperNodes connected, the quorum is {cfg.quorum}: rounds may close without it")
+    base = base_state(cfg, str(rc.get("base", "")) or None)
+    sink: dict = {}
+    serve(grid, cfg, base, sink)  # the same strategy and rounds as the simulation
+    local = FedRun(cfg, base)
+    local.server = sink["strategy"].server  # evaluate the model the SuperNodes hold
+    final = local.evaluate()
+    reports = [dataclasses.asdict(r) for r in sink["strategy"].reports]
+    for r in reports:
+        print(f"round {r['round']}: accepted {r['accepted']} refused {r['refused']} missing {r['missing']} "
+              f"up {r['bytes_up']} B down {r['bytes_down']} B")
+    print(json.dumps(final))
+    write_report(str(rc.get("out", "")) or None, cfg, reports, final,
+                 model_sha256=fingerprint(sink["strategy"].server.broadcast))  # the model the SuperNodes hold
+
+
+server_app = ServerApp()
+server_app.main()(_deployment_main)
+client_app = make_client_app()

@@ -290,3 +290,85 @@ def test_zeromq_transport_matches_in_process_rounds_with_a_leaver_and_hostile_re
     local.round(2, drop={2})
     local.round(3, drop={2})
     assert torch.equal(server.server.broadcast["model"], local.server.broadcast["model"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_flower_deployment_runtime_with_superlink_and_supernodes_matches_in_process_rounds(tmp_path):
+    """Flower's deployment runtime, as a user runs it: `flower-superlink`, one `flower-supernode
+    --node-config partition-id=N` per client (each starts a ClientApp process per message) and
+    `flwr run deploy/flower` with the run config; all on loopback, offline (no dependency install at run
+    time). The final model (fingerprint) and the bytes of every round equal the in-process run's."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("sparsecomm.federated.flower")
+    from sparsecomm.federated.cli import base_state
+    from sparsecomm.federated.zeromq import fingerprint
+    from tests.integration.coordinator_helpers import free_port
+
+    bindir = Path(sys.executable).parent
+    if not all((bindir / b).exists() for b in ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")):
+        pytest.skip(f"Flower's deployment commands are not installed beside {sys.executable}")
+    root = Path(__file__).resolve().parents[2]
+    home = tmp_path / "flwr"
+    link = free_port()
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\n'
+                                      'insecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    sets = ("clients=2 rounds=2 local_steps=1 prompts_per_step=2 prompts_per_client=10 eval_size=4 split=iid quorum=2 "
+            "density_up=0.05 density_down=0.05 grpo={'group_size':2,'max_new_tokens':2,'beta':0.0}")
+    out = tmp_path / "fed.json"
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:  # own process group: its SuperExec / app children end with it
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+
+    def listening(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
+              "--disable-runtime-dependency-installation")
+        for _ in range(150):  # bounded: 30 s
+            if listening(link) or procs[0].poll() is not None:
+                break
+            time.sleep(0.2)
+        assert listening(link), (tmp_path / "superlink.log").read_text()[-2000:]
+        for i in range(2):
+            start(f"node{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
+                  "--port", str(free_port()), "--node-config", f"partition-id={i}")
+        r = subprocess.run([str(bindir / "flwr"), "run", str(root / "deploy/flower"), "test", "--stream",
+                            "--run-config", f'set="{sets}" out="{out}"'], env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0 and out.exists(), r.stdout[-3000:] + r.stderr[-2000:]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # each group we started, leader and children
+            for p in procs:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGTERM:
+                time.sleep(2)
+        for p in procs:
+            p.wait(timeout=20)
+    got = json.loads(out.read_text())
+    cfg = FedConfig.from_dict(got["config"])
+    local = FedRun(cfg, base_state(cfg))
+    reps = [local.round(rnd) for rnd in (1, 2)]
+    assert [sorted(r["accepted"]) for r in got["rounds"]] == [[0, 1], [0, 1]]
+    assert [(r["bytes_up"], r["bytes_down"]) for r in got["rounds"]] == [(r.bytes_up, r.bytes_down) for r in reps]
+    assert got["rounds"][1]["bytes_down"] > 0
+    assert got["model_sha256"] == fingerprint(local.server.broadcast)

@@ -6,8 +6,9 @@ Per world size one job (benchmarks/deepspeed_worker.py) runs, for each stage, De
 path and then sparsecomm's at --density on the same model (a stack of Linear layers) and data:
 
     ZeRO-0   DeepSpeed dense all-reduce | compressed reduction (AdamW) | ASPG (backward all-reduce off)
-    ZeRO-1/2 DeepSpeed dense reduction  | compressed reduction (AdamW); the updated-partition
-             all-gather stays DeepSpeed's (dense), and is counted
+    ZeRO-1/2 DeepSpeed dense reduction  | compressed reduction (AdamW), DeepSpeed's dense all-gather of
+             the updated partitions counted | compressed reduction + sparse partition all-gather
+             (`sparse_grad+params`: SparseReduceState(param_density=density), SparseParamGather)
     ZeRO-3   DeepSpeed dense training + the shard-local rollout sync (bytes per version; memory)
 
 Bytes: DeepSpeed's collectives counted per call through deepspeed.comm (ring model of the tensor
@@ -72,7 +73,7 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
         by = {(r["stage"], r["mode"]): r for r in rows if r["world"] == P}
         for stage in (0, 1, 2):
             dense = by[(stage, "deepspeed_dense")]
-            for mode in ("sparse_grad", "aspg"):
+            for mode in ("sparse_grad", "sparse_grad+params", "aspg"):
                 r = by.get((stage, mode))
                 if r is None:
                     continue
@@ -86,17 +87,22 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
                 body.append([P, f"ZeRO-{stage}", mode, r.get("path", ""), f"{dense['ds_bytes_per_step']:,.0f}",
                              f"{r['sparsecomm_bytes_per_step']:,.0f}", f"{r['ds_bytes_per_step']:,.0f}", f"{ours:,.0f}",
                              f"{ratio:.1f}x", verdict, f"{grad_ratio:.1f}x", f"{dense['step_s']:.3f} / {r['step_s']:.3f}",
-                             " ".join(f"{c:.3f}" for c in r["cpu_s_per_step_per_rank"])])
+                             " ".join(f"{c:.3f}" for c in r["cpu_s_per_step_per_rank"]),
+                             f"{dense['loss_last']:.4f} / {r['loss_last']:.4f}" if "loss_last" in r else ""])
     md = ["Loopback gloo, no link shaping (bytes are the target here; time is CPU-bound on 2 shared cores).",
           f"Model: {rows[0]['numel']:,} fp32 parameters (Linear stack), density {rows[0]['density']:g}, "
           "median of the measured steps after one warm-up step.\n",
           "Bytes per rank per step: DeepSpeed's collectives are counted per call (ring model of the tensor sizes it "
-          "passed to deepspeed.comm); sparsecomm's exchange counts its encoded buffers. Under ZeRO-1/2 the compressed "
-          "path replaces the gradient reduction only: DeepSpeed's all-gather of the updated partitions stays dense and "
-          "is in the 'DeepSpeed's rest' column.\n",
+          "passed to deepspeed.comm); sparsecomm's exchange counts its encoded buffers. Under ZeRO-1/2 `sparse_grad` "
+          "replaces the gradient reduction only: DeepSpeed's all-gather of the updated partitions stays dense and "
+          "is in the 'DeepSpeed's rest' column; `sparse_grad+params` also sends each rank's partition sparsely "
+          "(param_density = density: the entries that moved most since last sent, the rest kept in the fp32 master "
+          "and sent later; the forward pass runs on the published weights, which lag the masters by that residual). "
+          "Loss: the training loss of the last measured step, dense / ours, same data: after 5 steps it shows the "
+          "runs did train, it is not a convergence comparison.\n",
           table(["P", "stage", "ours", "path", "DeepSpeed dense B/step", "sparsecomm B/step", "DeepSpeed's rest B/step",
-                 "ours total", "ratio", "target", "gradient reduction alone", "step s dense / ours",
-                 "CPU s/step per rank (ours)"], body), ""]
+                 "ours total", "ratio", "target", "replaced part alone", "step s dense / ours",
+                 "CPU s/step per rank (ours)", "loss dense / ours"], body), ""]
     for P in sorted({r["world"] for r in rows}):
         verdicts.append(f"P={P} ZeRO-3: no compressed training path (its reduce-scatter is not taken over); "
                         "only the rollout sync below: FAIL (not delivered)")
@@ -128,7 +134,9 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
                "`launch/recipes/demo.yaml` at 2 workers (torchrun, gloo), ASPG at 1%, the same seed; DeepSpeed adds "
                "`launch/recipes/deepspeed_aspg.yaml` (ZeRO-0, backward all-reduce off). Target: the difference of the "
                f"last-25-step mean rewards within {NOISE_REWARD} (aspg-1%'s seed-to-seed std in "
-               "benchmarks/results/convergence.md); one seed each, so this checks agreement, not a distribution.\n",
+               "benchmarks/results/convergence.md); one seed each, so this checks agreement, not a distribution. "
+               "Equal sampled rewards in the first steps do not mean equal updates: the two engines already send "
+               "different entries in RL step 1 (same loss, same k; cause not found, README 'DeepSpeed').\n",
                table(["engine", "RL steps", "reward first 25", "reward last 25", "eval acc after", "sent B total",
                       "dense-equiv B total", "wall s"],
                      [[x["engine"], x["rl_steps"], f"{x['reward_first']:.3f}", f"{x['reward_last']:.3f}",

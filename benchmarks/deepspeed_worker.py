@@ -2,7 +2,8 @@
 
 For each ZeRO stage: DeepSpeed's own dense path, then the same steps with sparsecomm's
 communication at `--density` (ZeRO-0: ASPG and the compressed reduction; ZeRO-1/2: the
-compressed reduction with AdamW; ZeRO-3: dense training plus the shard-local rollout sync).
+compressed reduction with AdamW, alone and with the sparse all-gather of the updated partitions
+(param_density = density); ZeRO-3: dense training plus the shard-local rollout sync).
 Bytes per step:
   - DeepSpeed's collectives: every call through deepspeed.comm's backend is counted, per rank,
     with the ring model of its tensor size (all_reduce 2(P-1)/P n b; reduce, reduce_scatter and
@@ -71,12 +72,13 @@ def cfg(stage: int, optimizer: bool) -> dict:
 
 def run_steps(engine, rank: int, hidden: int, steps: int, counter: CollectiveBytes, state=None, pub=None) -> dict:
     """Steps after one warm-up step: DeepSpeed's bytes, sparsecomm's bytes, wall and CPU seconds, per step."""
-    ds_bytes, sc_bytes, wall, cpu, sync = [], [], [], [], []
+    ds_bytes, sc_bytes, wall, cpu, sync, losses = [], [], [], [], [], []
     for s in range(steps + 1):
         g = torch.Generator().manual_seed(1000 * rank + s)
         x, y = torch.randn(8, hidden, generator=g), torch.randn(8, hidden, generator=g)
         b0, t0, c0 = counter.total, time.perf_counter(), time.process_time()
         loss = torch.nn.functional.mse_loss(engine(x), y)
+        losses.append(float(loss.detach()))
         engine.backward(loss)
         engine.step()
         if s == 0:
@@ -90,7 +92,7 @@ def run_steps(engine, rank: int, hidden: int, steps: int, counter: CollectiveByt
         if pub is not None:
             sync.append(pub.publish())
     out = {"ds_bytes_per_step": sum(ds_bytes) / steps, "sparsecomm_bytes_per_step": sum(sc_bytes) / steps,
-           "step_s": sorted(wall)[len(wall) // 2], "cpu_s_per_step": sum(cpu) / steps}
+           "step_s": sorted(wall)[len(wall) // 2], "cpu_s_per_step": sum(cpu) / steps, "loss_last": losses[-1]}
     if state is not None:
         out["path"] = state.last_metrics.get("comm/path")
     if pub is not None:
@@ -148,6 +150,11 @@ def main() -> None:
             state = sds.SparseReduceState(density=a.density)
             eng = sds.initialize(model_of(a.hidden, a.layers), cfg(stage, True), comm="sparse_grad", state=state)
             record(stage, "sparse_grad", run_steps(eng, a.rank, a.hidden, a.steps, counter, state=state))
+            del eng
+        if stage in (1, 2):  # the all-gather of the updated partitions sparse too
+            state = sds.SparseReduceState(density=a.density, param_density=a.density)
+            eng = sds.initialize(model_of(a.hidden, a.layers), cfg(stage, True), comm="sparse_grad", state=state)
+            record(stage, "sparse_grad+params", run_steps(eng, a.rank, a.hidden, a.steps, counter, state=state))
             del eng
         if stage == 0:
             m = model_of(a.hidden, a.layers)

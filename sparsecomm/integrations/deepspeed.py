@@ -21,6 +21,9 @@ source offers (read from runtime/engine.py and runtime/zero/stage_1_and_2.py of 
       the same decoded mean, so each ZeRO partition owner steps with the same gradient everywhere
       and replicas stay bit-identical. At density 1.0 the exchange is a dense all-reduce and the
       result equals DeepSpeed's own (tested at 2 ranks, bit for bit).
+      With `SparseReduceState(param_density=...)` under ZeRO-1/2, the all-gather of the updated
+      partitions after the optimizer step is sparse as well (`SparseParamGather`: top-k of what
+      moved since last sent, exact values; the rest stays in the fp32 master and is sent later).
   comm="dense"  DeepSpeed's own path, for baselines.
 
 ZeRO-3 weight sync to rollout workers without a full gather (`Zero3RolloutPublisher`): each rank
@@ -155,7 +158,9 @@ def check_combination(config: dict, comm: str, optimizer: Any = None) -> None:
             raise ValueError("comm='sparse_grad' does not use gradient_predivide_factor; leave it at 1.0")
 
 
-_HYPER = ("density", "selector", "index_codec", "value_codec", "paths", "switch", "warmup_steps", "seed")
+_HYPER = ("density", "selector", "index_codec", "value_codec", "paths", "switch", "warmup_steps", "seed",
+          "param_density")
+_ADDED_HYPER_DEFAULTS = {"param_density": None}  # checkpoints written before the field existed
 
 
 class SparseReduceState:
@@ -163,17 +168,23 @@ class SparseReduceState:
 
     Hyperparameters (validated here): `density` (fraction of each bucket's entries sent per
     step), `selector`, `index_codec`, `value_codec`, `paths` (leave out "dense" to never fall
-    back), `switch`, `warmup_steps` (dense steps first), `seed`.
+    back), `switch`, `warmup_steps` (dense steps first), `seed`; `param_density` (ZeRO-1/2 only,
+    default None = DeepSpeed's dense all-gather): the all-gather of the updated partitions is
+    sparse too (`SparseParamGather`: each owner sends that fraction of its partition per step, the
+    entries that moved most since they were last sent; the rest follows in later steps).
     State: the residual of each bucket (keyed by its parameters and size), the exchange's
-    selector generators, thresholds and split owner residuals, and the step count; `save_checkpoint`
-    writes it per rank beside DeepSpeed's checkpoint.
+    selector generators, thresholds and split owner residuals, the step count, and with
+    param_density the published copy of this rank's partitions; `save_checkpoint` writes it per
+    rank beside DeepSpeed's checkpoint.
     """
 
     def __init__(self, density: float = 0.01, selector: str = "reuse", index_codec: str = "auto",
                  value_codec: str = "bf16", paths: tuple[str, ...] = PATHS, switch: str = "volume",
-                 warmup_steps: int = 0, seed: int = 0):
+                 warmup_steps: int = 0, seed: int = 0, param_density: float | None = None):
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
+        if param_density is not None and not 0 < param_density <= 1:
+            raise ValueError(f"param_density must be None (dense all-gather) or in (0, 1], got {param_density}")
         if value_codec not in VALUE_CODECS:
             raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
         if warmup_steps < 0:
@@ -182,6 +193,8 @@ class SparseReduceState:
         PathChooser(switch, candidates=paths)  # validates the policy and the paths
         self.density, self.selector, self.index_codec, self.value_codec = density, selector, index_codec, value_codec
         self.paths, self.switch, self.warmup_steps, self.seed = tuple(paths), switch, warmup_steps, seed
+        self.param_density = param_density
+        self.param_gather: SparseParamGather | None = None  # ZeRO-1/2 with param_density, at install
         self.exchange: SparseExchange | None = None  # bound to the engine's data-parallel group at install
         self.ef = ErrorFeedback()
         self.comm = CommTracker()
@@ -228,14 +241,18 @@ class SparseReduceState:
     def state_dict(self) -> dict:
         return {"hyper": {name: getattr(self, name) for name in _HYPER}, "ef": self.ef.state_dict(),
                 "steps": self.steps,
-                "exchange": self.exchange.state_dict() if self.exchange is not None else self._pending}
+                "exchange": self.exchange.state_dict() if self.exchange is not None else self._pending,
+                "param_gather": self.param_gather.state_dict() if self.param_gather is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["hyper"] != {name: getattr(self, name) for name in _HYPER}:
-            raise ValueError(f"checkpoint was made with sparse reduction {state['hyper']}, this run has "
+        hyper = {**_ADDED_HYPER_DEFAULTS, **state["hyper"]}
+        if hyper != {name: getattr(self, name) for name in _HYPER}:
+            raise ValueError(f"checkpoint was made with sparse reduction {hyper}, this run has "
                              f"{ {name: getattr(self, name) for name in _HYPER} }")
         self.ef.load_state_dict(state["ef"])
         self.steps = state["steps"]
+        if self.param_gather is not None:
+            self.param_gather.load_state_dict(state["param_gather"])
         if self.exchange is not None:
             self.exchange.load_state_dict(state["exchange"])
         else:
@@ -262,6 +279,149 @@ def _install_zero12(opt, state: SparseReduceState) -> None:
     opt.average_tensor = types.MethodType(average_tensor, opt)
 
 
+class SparseParamGather:
+    """ZeRO-1/2's all-gather of the updated partitions, sparse, with nothing lost (param_density).
+
+    DeepSpeed's `step()` updates each rank's fp32 partition (the master), copies it into the rank's
+    slice of the flat model weights and all-gathers the slices: dense, 4 B per parameter, the
+    3x-only traffic that stays once the gradient reduction is compressed (results/deepspeed.md).
+    Here every rank keeps the *published* copy of its own slice (what every rank holds for it) and
+    sends only the k = param_density x slice entries where the master moved most away from it
+    (`reuse` top-k of |master - published|), as new values in the weights' own dtype (exact: what
+    a receiver writes is what the owner writes). The rest is not lost: master - published is the
+    error-feedback residual, carried by the optimizer's fp32 master, sent in a later step once it
+    grows. Every rank writes the same values into the same slices, so replicas stay bit-identical,
+    and the forward pass runs on the published weights (the master leads them by that residual).
+    At param_density 1 the result is DeepSpeed's dense all-gather, bit for bit.
+
+    Only `step()`'s gather is replaced (a flag set around it): `update_lp_params` and checkpoint
+    loading keep DeepSpeed's dense all-gather, after which every rank holds the masters and the
+    published copies are reset to them; a resumed run restores them from its rank file instead
+    (`load_state_dict` + `publish_held`), so it continues bit for bit.
+    """
+
+    def __init__(self, opt, density: float, index_codec: str, seed: int, comm: CommTracker):
+        import torch.distributed as dist
+
+        from ..exchange.torch_dist import TorchDistTransport
+
+        self.opt, self.density, self.index_codec, self.comm = opt, density, index_codec, comm
+        self.transports = [TorchDistTransport(g) for g in opt.real_dp_process_group]
+        self.ranks = [dist.get_rank(group=g) for g in opt.real_dp_process_group]
+        self.held = [parts[r].detach().clone() for parts, r in zip(opt.parallel_partitioned_bit16_groups, self.ranks)]
+        self.selectors = [make_selector("reuse", seed=seed + 104729 * (i + 1)) for i in range(len(self.held))]
+        self.in_step = False
+
+    def gather(self) -> None:
+        """Replaces all_gather_dp_groups inside step(): the sparse all-gather of every group's slices."""
+        from ..codec import encode
+        from ..delta import SparseDelta
+        from ..exchange.aggregate import decode_all
+
+        c = self.comm
+        for i, parts in enumerate(self.opt.parallel_partitioned_bit16_groups):
+            tr, r, held = self.transports[i], self.ranks[i], self.held[i]
+            own, n = parts[r], held.numel()
+            if any(p.numel() != n for p in parts):
+                raise RuntimeError(f"group {i}: ZeRO partitions of unequal sizes {[p.numel() for p in parts]}")
+            codec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[own.dtype]
+            master = self.opt.single_partition_of_fp32_groups[i].detach().view(-1)
+            with c.phase("param_select"):
+                moved = master - held.view(-1).float()  # (n,) fp32: what the other ranks do not have yet
+                sel = self.selectors[i].select(moved, k_for(n, self.density))
+                d = SparseDelta(sel.indices, master[sel.indices].to(own.dtype), (n,), own.dtype)
+            with c.phase("param_encode"):
+                payload = encode(d, self.index_codec, codec)
+            with c.phase("param_transfer"):
+                payloads = tr.all_gather_bytes(payload)
+            with c.phase("param_decode"):
+                deltas = decode_all(payloads, n)  # all validated before any slice is written
+            with c.phase("param_apply"):
+                own.copy_(held)  # undo DeepSpeed's dense copy of the master: this slice is what every rank holds
+                for q, dq in enumerate(deltas):
+                    parts[q].view(-1)[dq.indices] = dq.values.to(own.dtype)
+                held.copy_(own)
+            sent, recv = tr.wire_bytes([len(b) for b in payloads])
+            c.add_sent(sent)
+            c.add_received(recv)
+            c.note(param_entries=sum(dq.k for dq in deltas), param_density=self.density)
+
+    def reset(self) -> None:
+        """After a dense all-gather (every rank holds the masters): they are the published copies now."""
+        for held, parts, r in zip(self.held, self.opt.parallel_partitioned_bit16_groups, self.ranks):
+            held.copy_(parts[r])
+
+    def publish_held(self) -> None:
+        """Every rank's slices back to the published copies (after a checkpoint load wrote the masters)."""
+        opt = self.opt
+        for held, parts, r in zip(self.held, opt.parallel_partitioned_bit16_groups, self.ranks):
+            parts[r].copy_(held)
+        _DENSE_GATHER(groups_flat=opt.bit16_groups_flat, partitioned_param_groups=opt.parallel_partitioned_bit16_groups,
+                      dp_process_group=opt.real_dp_process_group, start_alignment_factor=opt.nccl_start_alignment_factor,
+                      allgather_bucket_size=opt.allgather_bucket_size)
+        for i in range(len(self.held)):
+            opt._update_model_bit16_weights(i)
+
+    def state_dict(self) -> dict:
+        return {"held": [h.clone() for h in self.held], "selectors": [
+            {"generator": s.generator.get_state(), "threshold": s.threshold} for s in self.selectors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["held"]) != len(self.held) or any(a.shape != b.shape for a, b in zip(state["held"], self.held)):
+            raise ValueError("checkpoint's published partitions do not match this engine's ZeRO partitions")
+        for h, saved in zip(self.held, state["held"]):
+            h.copy_(saved)
+        for sel, s in zip(self.selectors, state["selectors"]):
+            sel.generator.set_state(s["generator"])
+            sel.threshold = s["threshold"]
+
+
+_SPARSE_GATHERS: dict[int, SparseParamGather] = {}  # id(optimizer.parallel_partitioned_bit16_groups) -> gather
+_DENSE_GATHER = None  # DeepSpeed's all_gather_dp_groups, once the dispatcher replaced it
+
+
+def _install_param_gather(opt, state: SparseReduceState) -> SparseParamGather:
+    """Route step()'s all-gather of this optimizer through a SparseParamGather.
+
+    DeepSpeed 0.19.8 calls the module-level `all_gather_dp_groups` of zero/stage_1_and_2.py from
+    `step()` and `update_lp_params()`; it is replaced once by a dispatcher that sends the calls of
+    registered optimizers (by their partition list) inside step() to their gather, and every
+    other call to DeepSpeed's own function."""
+    global _DENSE_GATHER
+    import deepspeed.runtime.zero.stage_1_and_2 as z12
+
+    if _DENSE_GATHER is None:
+        _DENSE_GATHER = z12.all_gather_dp_groups
+
+        def all_gather_dp_groups(*args, **kw):
+            groups = kw["partitioned_param_groups"] if "partitioned_param_groups" in kw else args[1]
+            g = _SPARSE_GATHERS.get(id(groups))
+            if g is not None and g.in_step:
+                return g.gather()
+            out = _DENSE_GATHER(*args, **kw)
+            if g is not None:
+                g.reset()
+            return out
+
+        z12.all_gather_dp_groups = all_gather_dp_groups
+    gather = SparseParamGather(opt, state.param_density, state.index_codec, state.seed, state.comm)
+    _SPARSE_GATHERS[id(opt.parallel_partitioned_bit16_groups)] = gather
+    inner_step = opt.step
+
+    def step(*args, **kwargs):
+        gather.in_step = True
+        try:
+            out = inner_step(*args, **kwargs)
+        finally:
+            gather.in_step = False
+        state.end_reduction()  # after the gather, so a step's metrics hold both of its exchanges
+        return out
+
+    opt.step = step
+    state.param_gather = gather
+    return gather
+
+
 def _install_engine(engine, state: SparseReduceState) -> None:
     """Replace engine.allreduce_bucket on this instance (ZeRO-0, and bf16 ZeRO-1's BF16_Optimizer)."""
     def allreduce_bucket(self, bucket, dp_group, dp_world_size=None):
@@ -277,7 +437,7 @@ def _wrap_reduction_end(engine, state: SparseReduceState) -> None:
 
     def allreduce_gradients(*args, **kwargs):
         out = inner(*args, **kwargs)
-        if engine.is_gradient_accumulation_boundary():
+        if engine.is_gradient_accumulation_boundary() and state.param_gather is None:  # else: after the step
             state.end_reduction()
         return out
 
@@ -312,7 +472,10 @@ def load_checkpoint(engine, load_dir: str | Path, tag: str | None = None, **kwar
     if not path.exists():
         raise FileNotFoundError(f"{path}: this checkpoint has no sparsecomm state for this rank (saved with "
                                 "engine.save_checkpoint instead of sparsecomm.integrations.deepspeed.save_checkpoint?)")
-    engine.sparsecomm_state.load_state_dict(torch.load(path, weights_only=False))
+    state = engine.sparsecomm_state
+    state.load_state_dict(torch.load(path, weights_only=False))
+    if getattr(state, "param_gather", None) is not None:  # DeepSpeed's load gathered the masters densely
+        state.param_gather.publish_held()
     return out
 
 
@@ -328,7 +491,13 @@ def install_sparse_reduction(engine, state: SparseReduceState) -> SparseReduceSt
                else engine.data_parallel_group)
     if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
         _install_zero12(engine.optimizer, state)
+        if state.param_density is not None:
+            _install_param_gather(engine.optimizer, state)
     else:
+        if state.param_density is not None:
+            raise ValueError(f"param_density replaces the all-gather of DeepSpeedZeroOptimizer (ZeRO-1/2); this "
+                             f"engine's optimizer is {type(engine.optimizer).__name__} (ZeRO-0 has no such gather; "
+                             "bf16 ZeRO-1's BF16_Optimizer gathers in its own code, not taken over)")
         _install_engine(engine, state)
     _wrap_reduction_end(engine, state)
     engine.sparsecomm_state = state

@@ -330,8 +330,8 @@ def build_deepspeed(cfg: TrainConfig, model, rank: int, world: int, device: torc
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
     comm = DEEPSPEED_COMMS[cfg.comm]
     optimizer = build_optimizer(cfg, model, rank, world, device) if cfg.optimizer == "aspg" else None
-    state = sds.SparseReduceState(density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed + rank) \
-        if comm == "sparse_grad" else None
+    state = sds.SparseReduceState(density=cfg.density, value_codec=cfg.value_codec, seed=cfg.seed + rank,
+                                  param_density=cfg.param_density or None) if comm == "sparse_grad" else None
     engine = sds.initialize(model, deepspeed_config(cfg), optimizer=optimizer, comm=comm, state=state)
     comm_state = getattr(engine, "sparsecomm_state", None)
     return engine, DeepSpeedStep(engine, comm_state), comm_state if comm == "sparse_grad" else None

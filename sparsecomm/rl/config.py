@@ -164,6 +164,10 @@ class TrainConfig:
     """What runs the measured phase, one of ENGINES: ddp (plain torch) | deepspeed | fsdp2."""
     zero_stage: int = 0
     """engine=deepspeed: the ZeRO stage, 0 | 1 | 2 | 3 (ASPG needs 0; the compressed reduction 0-2)."""
+    param_density: float = 0.0
+    """engine=deepspeed comm=hook zero_stage=1|2: the all-gather of the updated partitions is sparse too, this
+    fraction of each rank's partition per step (the entries that moved most since last sent; the rest stays in
+    the fp32 master and follows later); 0: DeepSpeed's dense all-gather."""
     deepspeed_config: str = ""
     """engine=deepspeed: a DeepSpeed JSON config merged under the one built from this recipe
     (zero_stage, a micro batch of 1, no clipping; "" for none), e.g. launch/recipes/deepspeed_zero2.json."""
@@ -200,6 +204,8 @@ class TrainConfig:
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         _one_of("engine", self.engine, ENGINES)
+        if self.param_density and self.engine != "deepspeed":
+            raise ValueError(f"param_density is for engine=deepspeed (ZeRO-1/2's partition all-gather), not {self.engine}")
         if self.engine == "deepspeed":
             self._check_deepspeed()
         if self.engine == "fsdp2":
@@ -237,6 +243,10 @@ class TrainConfig:
         if self.comm == "hook" and self.zero_stage == 3:
             raise ValueError("engine=deepspeed comm=hook supports zero_stage 0, 1, 2 (ZeRO-3's reduce-scatter is not "
                              "taken over); use comm=ddp for dense ZeRO-3")
+        zero12_hook = self.comm == "hook" and self.zero_stage in (1, 2)
+        if self.param_density and not (zero12_hook and 0 < self.param_density <= 1):
+            raise ValueError(f"param_density={self.param_density} needs comm=hook, zero_stage 1 or 2 and a value in "
+                             "(0, 1]: it replaces ZeRO-1/2's all-gather of the updated partitions")
         if self.optimizer not in ("aspg", "adamw"):
             raise ValueError(f"engine=deepspeed supports optimizer aspg or adamw, got {self.optimizer!r}")
         if self.precision == "bf16" and self.optimizer != "aspg":

@@ -142,6 +142,51 @@ def sparse_grad_scenarios(rank: int) -> dict:
     sds.load_checkpoint(eng2, ckpt, tag="t2")
     train(eng2, rank, 2, start=2)
     out["z2_resume"] = {"ref": weights(eng.module), "resumed": weights(eng2.module)}
+    out.update(sparse_param_gather_scenarios(rank))
+    return out
+
+
+def masters(engine) -> torch.Tensor:
+    """This rank's fp32 master partitions (DeepSpeedZeroOptimizer), concatenated."""
+    return torch.cat([p.detach().view(-1).clone() for p in engine.optimizer.single_partition_of_fp32_groups])
+
+
+def sparse_param_gather_scenarios(rank: int) -> dict:
+    """ZeRO-1/2 with the all-gather of updated partitions sparse too (param_density)."""
+    from sparsecomm.integrations import deepspeed as sds
+
+    out = {}
+    for stage in (1, 2):
+        dense = sds.initialize(tiny_model(), adamw_config(stage), comm="dense")
+        train(dense, rank, STEPS)
+        full = sds.initialize(tiny_model(), adamw_config(stage), comm="sparse_grad",
+                              state=sds.SparseReduceState(density=1.0, param_density=1.0))
+        train(full, rank, STEPS)
+        state = sds.SparseReduceState(density=0.05, param_density=0.05)
+        eng = sds.initialize(tiny_model(), adamw_config(stage), comm="sparse_grad", state=state)
+        train(eng, rank, STEPS)
+        lagging = weights(eng.module)
+        lag = masters(eng) - torch.cat([h.view(-1).float() for h in state.param_gather.held])
+        metrics = dict(state.last_metrics)
+        for g in eng.optimizer.optimizer.param_groups:  # the masters stop moving; the published copies catch up
+            g["lr"] = 0.0
+        train(eng, rank, 21, start=STEPS)  # 5% per step: every entry sent within 20 steps
+        caught_up = torch.cat([h.view(-1).float() for h in state.param_gather.held])
+        out[f"z{stage}_params005"] = {"dense": weights(dense.module), "full": weights(full.module),
+                                      "lagging": lagging, "lag_nonzero": int((lag != 0).sum()),
+                                      "caught_up_equals_masters": bool(torch.equal(caught_up, masters(eng))),
+                                      "metrics": metrics, "final": weights(eng.module)}
+    ckpt = os.environ["SPARSECOMM_DS_CKPT"] + "_z2p"
+    make = lambda seed=0: sds.initialize(tiny_model(seed=seed), adamw_config(2), comm="sparse_grad",  # noqa: E731
+                                         state=sds.SparseReduceState(density=0.05, param_density=0.05))
+    eng = make()
+    train(eng, rank, 2)
+    sds.save_checkpoint(eng, ckpt, tag="t2")
+    train(eng, rank, 2, start=2)
+    eng2 = make(seed=5)
+    sds.load_checkpoint(eng2, ckpt, tag="t2")
+    train(eng2, rank, 2, start=2)
+    out["z2_params_resume"] = {"ref": weights(eng.module), "resumed": weights(eng2.module)}
     return out
 
 

@@ -101,6 +101,28 @@ def test_compressed_reduction_at_1_percent(ranks, stage):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sparse_partition_all_gather(ranks, stage):
+    """ZeRO-1/2 with param_density: at 1.0 the result is DeepSpeed's dense run bit for bit; at 5% replicas stay
+    bit-identical while the published weights lag the masters, every byte of the lag is kept (once the masters
+    stop moving the published copies reach them exactly), and the step sends a fraction of the dense bytes."""
+    key = f"z{stage}_params005"
+    for r in ranks:
+        assert_equal(r[key]["full"], r[key]["dense"])
+        assert r[key]["lag_nonzero"] > 0  # the master leads the published weights: entries still to send
+        assert r[key]["caught_up_equals_masters"]
+    assert_replicas(ranks, key, "lagging")
+    assert_replicas(ranks, key, "final")
+    m = ranks[0][key]["metrics"]
+    assert m["comm/param_entries"] > 0
+    # 808 parameters at 5% (headers weigh at this size); DeepSpeed dense: 4 B x 808 per all-reduce + gather
+    assert 0 < m["comm/sent_bytes"] < m["comm/dense_equiv_bytes"] / 2
+    for r in ranks:
+        assert_equal(r["z2_params_resume"]["resumed"], r["z2_params_resume"]["ref"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_compressed_reduction_bf16_zero1_and_resume(ranks):
     assert ranks[0]["z1_bf16_density001"]["optimizer"] == "BF16_Optimizer"  # the engine's allreduce_bucket path
     assert_replicas(ranks, "z1_bf16_density001", "weights")
@@ -156,13 +178,24 @@ def test_unsupported_combinations_fail_at_start_with_the_reason():
         sds.check_combination({"zero_optimization": {"stage": 2, "contiguous_gradients": False}}, "sparse_grad")
     with pytest.raises(ValueError, match="density must be in"):
         sds.SparseReduceState(density=0)
+    with pytest.raises(ValueError, match="param_density must be None"):
+        sds.SparseReduceState(param_density=0.0)
+    from sparsecomm.rl.config import TrainConfig
+
+    with pytest.raises(ValueError, match="param_density is for engine=deepspeed"):
+        TrainConfig(param_density=0.01)
+    with pytest.raises(ValueError, match="needs comm=hook, zero_stage 1 or 2"):
+        TrainConfig(engine="deepspeed", comm="hook", optimizer="adamw", zero_stage=0, param_density=0.01)
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["deepspeed_aspg", "deepspeed_zero2"])
-def test_train_py_with_engine_deepspeed(tmp_path, recipe):
-    """launch/train.py engine=deepspeed under torchrun: the recipe trains and sends ~1% of the dense bytes."""
+@pytest.mark.parametrize("recipe,extra", [("deepspeed_aspg", []), ("deepspeed_zero2", []),
+                                          ("deepspeed_zero2", ["param_density=0.01"])],
+                         ids=["aspg", "zero2", "zero2-sparse-params"])
+def test_train_py_with_engine_deepspeed(tmp_path, recipe, extra):
+    """launch/train.py engine=deepspeed under torchrun: the recipe trains and sends ~1% of the dense bytes
+    (with param_density, ZeRO-2's partition all-gather included)."""
     import json
     import os
     import subprocess
@@ -171,11 +204,12 @@ def test_train_py_with_engine_deepspeed(tmp_path, recipe):
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    port = 29200 + os.getpid() % 400 + 3 * (recipe == "deepspeed_zero2") + len(extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(29200 + os.getpid() % 400 + (recipe == "deepspeed_zero2")), "launch/train.py",
+           "--master-port", str(port), "launch/train.py",
            "--config", "launch/recipes/demo.yaml", "--config", f"launch/recipes/{recipe}.yaml", f"run_dir={tmp_path}",
            "sft_steps=20", "rl_steps=6", "prompts_per_step=4", "grpo.group_size=4", "eval_size=20",
-           "console_every=100", "device=cpu"]
+           "console_every=100", "device=cpu", *extra]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for rank in range(2):
@@ -184,3 +218,5 @@ def test_train_py_with_engine_deepspeed(tmp_path, recipe):
         m = rows[-1]
         assert m["comm/path"] == "allgather" and 0 < m["comm/sent_bytes"] < m["comm/dense_equiv_bytes"] / 20
         assert m["sparsity/fp32_exact/global"] < 1.0  # the weights moved
+        if extra:
+            assert m["comm/param_entries"] > 0  # the partition all-gather ran sparse

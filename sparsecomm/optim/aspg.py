@@ -203,8 +203,27 @@ class ASPG(Optimizer):
         self.comm.dense_baseline(self.steps, [self.ef.residuals["flat"]])
         metrics = self.comm.collect(self.numel, 4, self.transport.world_size)
         metrics["timing/optimizer_step_s"] = time.perf_counter() - t0
+        metrics.update(self.state_memory())
         self.last_metrics = metrics
         return loss
+
+    def state_memory(self) -> dict:
+        """Bytes ASPG holds per worker, by buffer (the trackers export them as memory/*): Adam moments, the flat
+        fp32 residual, the importance EMA and its ranking buffer, fp32 master weights; and on CUDA the
+        device's peak allocated bytes so far (torch.cuda.max_memory_allocated), which includes the model."""
+        def nbytes(ts) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        moments = [t for st in self.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+        out = {"memory/aspg_moments_bytes": nbytes(moments),
+               "memory/aspg_residual_bytes": nbytes([self.ef.residuals["flat"]]),
+               "memory/aspg_importance_bytes": nbytes([self._score, self._rank_buf]),
+               "memory/aspg_master_bytes": nbytes(self._masters)}
+        out["memory/aspg_state_bytes"] = sum(out.values())
+        dev = self.ef.residuals["flat"].device
+        if dev.type == "cuda":
+            out["memory/cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+        return out
 
     def _local_update(self) -> None:
         """Adam moments and update into the residual (foreach kernels); decoupled weight decay on the weights."""

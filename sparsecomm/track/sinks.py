@@ -19,6 +19,7 @@ Prometheus families (counters for bytes, histograms for phase seconds, gauges fo
     sparsecomm_step{rank,run}                          gauge    last step recorded
     sparsecomm_reward / sparsecomm_loss{rank,run}      gauge    train/reward, train/loss
     sparsecomm_density_ratio{rank,run}                 gauge    comm/density
+    sparsecomm_memory_bytes{rank,run,buffer}           gauge    memory/<buffer>_bytes (ASPG's state, CUDA peak)
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ class PrometheusSink:
         self.reward = Gauge("sparsecomm_reward", "Mean reward of the last step", base, registry=r)
         self.loss = Gauge("sparsecomm_loss", "Loss of the last step", base, registry=r)
         self.density = Gauge("sparsecomm_density_ratio", "Fraction of entries sent in the last exchange", base, registry=r)
+        self.memory = Gauge("sparsecomm_memory_bytes", "Bytes held per buffer (optimizer state; CUDA peak)",
+                            base + ["buffer"], registry=r)
         self.server = None
         self.port = None
         if port is not None:
@@ -120,6 +123,8 @@ class PrometheusSink:
                 self.sparsity.labels(**lab, definition=parts[1], layer_kind="all").set(v)
             elif parts[0] == "sparsity" and len(parts) == 4 and parts[2] == "kind":
                 self.sparsity.labels(**lab, definition=parts[1], layer_kind=parts[3]).set(v)
+            elif parts[0] == "memory" and len(parts) == 2 and parts[1].endswith("_bytes"):
+                self.memory.labels(**lab, buffer=parts[1][:-len("_bytes")]).set(v)
             elif parts[0].startswith("sparsity_k") and len(parts) == 3 and parts[2] == "global":
                 self.sparsity_k.labels(**lab, definition=parts[1], k_steps=parts[0][len("sparsity_k"):]).set(v)
 

@@ -317,3 +317,23 @@ def test_weight_decay_reaches_parameters_without_a_gradient():
     opt.step()
     torch.testing.assert_close(b.detach(), torch.full((10,), 0.95))  # 1 - lr x wd, no gradient needed
     assert b.grad is None and "exp_avg" not in opt.state[b]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_memory_counts_every_buffer(dtype):
+    """memory/* metrics: the bytes of ASPG's moments (parameter dtype), fp32 residual, importance EMA and its
+    ranking buffer, and fp32 masters for low-precision parameters; their sum is the state total."""
+    m = model().to(dtype)
+    n = sum(p.numel() for p in m.parameters())
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.1)
+    x, y = batches(1)[0]
+    nn.functional.mse_loss(m(x.to(dtype)).float(), y).backward()
+    opt.step()
+    mem = {k: v for k, v in opt.last_metrics.items() if k.startswith("memory/")}
+    width = torch.finfo(dtype).bits // 8
+    assert mem["memory/aspg_moments_bytes"] == 2 * n * width
+    assert mem["memory/aspg_residual_bytes"] == 4 * n
+    assert mem["memory/aspg_importance_bytes"] == 2 * 4 * n  # EMA + the |residual x EMA| ranking buffer
+    assert mem["memory/aspg_master_bytes"] == (4 * n if dtype == torch.bfloat16 else 0)
+    assert mem["memory/aspg_state_bytes"] == sum(v for k, v in mem.items() if k != "memory/aspg_state_bytes")
+    assert "memory/cuda_peak_allocated_bytes" not in mem  # CPU

@@ -21,7 +21,7 @@ def sample_stats(step, rank=0):
         "rank/grad/entropy/h.0.attn.c_attn.weight": 3.0, "rank/grad/stable/h.0.attn.c_attn.weight": 1.5,
         "rank/grad/random_entropy/h.0.attn.c_attn.weight": 40.0, "rank/grad/random_stable/h.0.attn.c_attn.weight": 12.0,
         "rank/grad/bound_min_mn/h.0.attn.c_attn.weight": 64, "rank/grad/bound_tokens/h.0.attn.c_attn.weight": 32,
-        "hot/frac_changed_gt_half/global": 0.1})
+        "hot/frac_changed_gt_half/global": 0.1, "memory/aspg_residual_bytes": 4096, "memory/aspg_state_bytes": 20480})
 
 
 def test_jsonl_round_trip(tmp_path):
@@ -65,6 +65,8 @@ def test_prometheus_endpoint_serves_the_right_values():
         assert got[("sparsecomm_phase_seconds_count", lab(phase="select"))] == 2
         assert got[("sparsecomm_phase_seconds_sum", lab(phase="dense_allreduce"))] == pytest.approx(0.8)
         assert got[("sparsecomm_exchange_path_total", lab(path="sparse"))] == 2
+        assert got[("sparsecomm_memory_bytes", lab(buffer="aspg_residual"))] == 4096
+        assert got[("sparsecomm_memory_bytes", lab(buffer="aspg_state"))] == 20480
     finally:
         sink.close()
 

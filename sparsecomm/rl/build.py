@@ -326,6 +326,10 @@ def build_deepspeed(cfg: TrainConfig, model, rank: int, world: int, device: torc
     from .config import DEEPSPEED_COMMS
 
     sds.check_version()
+    # the SFT warm start leaves its last gradient in .grad, and engine.backward accumulates into it (the ddp
+    # engine's optimizer clears it before the first RL backward; the DeepSpeed step's zero_grad cannot: it
+    # leaves clearing to engine.step()), so without this the first RL step would add the SFT gradient
+    model.zero_grad(set_to_none=True)
     os.environ.setdefault("LOCAL_RANK", str(local_rank()))
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else "gloo")
     comm = DEEPSPEED_COMMS[cfg.comm]

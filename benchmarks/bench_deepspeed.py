@@ -135,8 +135,9 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
                "`launch/recipes/deepspeed_aspg.yaml` (ZeRO-0, backward all-reduce off). Target: the difference of the "
                f"last-25-step mean rewards within {NOISE_REWARD} (aspg-1%'s seed-to-seed std in "
                "benchmarks/results/convergence.md); one seed each, so this checks agreement, not a distribution. "
-               "Equal sampled rewards in the first steps do not mean equal updates: the two engines already send "
-               "different entries in RL step 1 (same loss, same k; cause not found, README 'DeepSpeed').\n",
+               "The two runs are the same computation (tests/integration/test_deepspeed.py compares their per-step "
+               "metrics), so equal rewards are expected; before 2026-12-02 15:50 UTC the SFT warm start's last "
+               "gradient leaked into DeepSpeed's first RL step and the runs drifted apart from there.\n",
                table(["engine", "RL steps", "reward first 25", "reward last 25", "eval acc after", "sent B total",
                       "dense-equiv B total", "wall s"],
                      [[x["engine"], x["rl_steps"], f"{x['reward_first']:.3f}", f"{x['reward_last']:.3f}",

@@ -48,9 +48,20 @@ Bad configurations fail at install on every rank with one line: a model not wrap
 outside (0, 1], an unknown codec or selector, a hook already installed, and ranks that disagree
 on the settings (every rank's settings are gathered and compared before anything is installed).
 
-ASPG with FSDP2 is refused (sparsecomm.rl.config): ASPG exchanges full parameter updates and keeps
-fp32 masters per parameter; under FSDP2 each rank holds DTensor shards, and the gradient
-compression here already does the cross-replica exchange. Use an ordinary optimizer.
+ASPG across the replicas of HSDP (`ShardedASPG`): the gradient hook above compresses the gradient,
+which AdamW then normalises per entry; under Adam that loses reward (README, "Sparse gradients under
+FSDP2 / HSDP": the 1-bit Adam problem). ShardedASPG instead runs ASPG on each rank's local shards:
+FSDP2 over `mesh["shard"]` alone reduce-scatters inside the host, each rank's ASPG takes Adam
+steps on its shard of the host's gradient (moments and residual per replica, like ASPG per worker),
+and the top-k of the *update* is exchanged across `mesh["replicate"]` (the same SparseExchange).
+Every rank in a replicate group holds the same shard coordinate, so the flat layouts agree, and
+every replica of a shard applies the same mean: bit-identical. fp32 parameters only (FSDP2's
+mixed precision keeps its own copies; not wired here).
+
+    for layer in model.layers: fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    opt = ShardedASPG(model, mesh, lr=3e-4, density=0.01)
+    loss.backward(); opt.step(); opt.zero_grad()
 """
 from __future__ import annotations
 
@@ -476,3 +487,52 @@ def hsdp_mesh(spec: str, device: str = "cpu"):
         raise ValueError(f"mesh {spec}: shard groups of {s} ranks must lie inside one host, but a host runs "
                          f"{bad[0]} process(es): use S dividing the processes per host (--nproc-per-node)")
     return init_device_mesh(device, (r, s), mesh_dim_names=MESH_DIMS)
+
+
+class ShardedASPG:
+    """ASPG over an HSDP model's local shards, exchanging across `mesh["replicate"]` (module docstring).
+
+    Holds one ASPG over aliases of the DTensor parameters' local tensors (`to_local()` shares their
+    storage, so ASPG's in-place updates are FSDP2's sharded parameters); `step()` hands it each local
+    gradient shard. `last_metrics`, `state_dict` and `load_state_dict` are ASPG's; extra keyword
+    arguments go to ASPG (lr, density, value_codec, importance, ...).
+    """
+
+    def __init__(self, model, mesh, **aspg_kwargs):
+        from ..exchange.torch_dist import TorchDistTransport
+        from ..optim.aspg import ASPG
+
+        if tuple(mesh.mesh_dim_names or ()) != ("replicate", "shard") or mesh.size() != dist.get_world_size():
+            raise ValueError('ShardedASPG needs the ("replicate", "shard") mesh over the whole world')
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params or not all(hasattr(p, "to_local") for p in self.params):
+            raise ValueError("ShardedASPG needs a model wrapped with fully_shard(..., mesh=mesh['shard'])")
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("ShardedASPG supports fp32 parameters only (FSDP2 mixed precision is not wired)")
+        if any(p.device_mesh != mesh["shard"] for p in self.params):
+            raise ValueError("ShardedASPG: the model must be sharded over mesh['shard'] only (no native HSDP: its "
+                             "all-reduce would average gradients across replicas before ASPG sees them)")
+        self.local = [p.to_local().detach().requires_grad_(True) for p in self.params]  # aliases of the shards
+        self.aspg = ASPG(self.local, transport=TorchDistTransport(mesh["replicate"].get_group()), **aspg_kwargs)
+        self.param_groups = self.aspg.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, t in zip(self.params, self.local):
+            t.grad = None if p.grad is None else p.grad.to_local()
+        self.aspg.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.aspg.zero_grad(set_to_none=True)
+
+    @property
+    def last_metrics(self) -> dict:
+        return self.aspg.last_metrics
+
+    def state_dict(self) -> dict:
+        return self.aspg.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aspg.load_state_dict(state)

@@ -180,7 +180,7 @@ def wrap_fsdp2(cfg: TrainConfig, model, mesh):
 
     from ..integrations.fsdp import install_sparse_hsdp
 
-    over = mesh["shard"] if cfg.comm == "hook" else mesh
+    over = mesh["shard"] if cfg.comm in ("hook", "aspg") else mesh  # aspg: ShardedASPG exchanges across replicas
     for block in getattr(getattr(model, "transformer", None), "h", []):  # GPT-2's blocks; other models: root only
         fully_shard(block, mesh=over)
     fully_shard(model, mesh=over)
@@ -274,8 +274,14 @@ OPTIMIZER_BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_optimizer(cfg: TrainConfig, model, rank: int, world: int, device: torch.device):
-    """The measured phase's optimizer over the trainable parameters (ASPG with its transport)."""
+def build_optimizer(cfg: TrainConfig, model, rank: int, world: int, device: torch.device, mesh=None):
+    """The measured phase's optimizer over the trainable parameters (ASPG with its transport; under
+    engine=fsdp2, ASPG on the local shards exchanging across mesh["replicate"])."""
+    if cfg.optimizer == "aspg" and mesh is not None:
+        from ..integrations.fsdp import ShardedASPG
+
+        return ShardedASPG(model, mesh, lr=cfg.rl_lr, density=cfg.density, value_codec=cfg.value_codec,
+                           dense_baseline_every=cfg.dense_baseline_every, seed=cfg.seed + rank, **cfg.aspg)
     return OPTIMIZER_BUILDERS[cfg.optimizer](cfg, param_groups(cfg, model), rank, world, device)
 
 

@@ -260,12 +260,12 @@ class TrainConfig:
         """engine=fsdp2: what the trainer supports with FSDP2, refused with the reason (before any process group)."""
         if self.mesh and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", self.mesh):
             raise ValueError(f"mesh must be RxS (replica groups x shards, e.g. 2x2), got {self.mesh!r}")
-        if self.optimizer == "aspg" or self.comm in ASPG_COMMS:
-            raise ValueError("engine=fsdp2 does not run ASPG: under FSDP2 each rank holds DTensor shards, while ASPG's "
-                             "exchange and fp32 masters work on whole parameters; the sparse error-feedback exchange "
-                             "runs on the gradient shards instead (comm=hook optimizer=adamw|sgd)")
-        if self.comm not in ("hook", "ddp"):
-            raise ValueError(f"engine=fsdp2 supports comm=hook (sparse HSDP) or comm=ddp (native HSDP), got {self.comm!r}")
+        if self.comm == "coordinator":
+            raise ValueError("engine=fsdp2 does not run the coordinator transport (ASPG there exchanges over "
+                             "mesh['replicate'] with torch.distributed: comm=aspg)")
+        if self.comm not in ("hook", "ddp", "aspg"):
+            raise ValueError(f"engine=fsdp2 supports comm=hook (sparse HSDP of the gradient), comm=aspg (ASPG on the "
+                             f"shards, its update exchanged across replicas) or comm=ddp (native HSDP), got {self.comm!r}")
         if self.lora_rank or self.kind_density or self.checkpoint_every or self.resume or self.precision != "fp32":
             raise ValueError("engine=fsdp2 in the trainer supports fp32 full fine-tuning without trainer checkpoints "
                              "(no lora_rank, kind_density, checkpoint_every, resume, precision=bf16); checkpoints go "

@@ -228,7 +228,7 @@ class Trainer:
         else:
             model, hook_state = build.build_rl_model(cfg, self.model, self.device, self.rank, self.world,
                                                      None if ck is None else ck["hook_state"], mesh=self.mesh)
-            opt = build.build_optimizer(cfg, self.model, self.rank, self.world, self.device)
+            opt = build.build_optimizer(cfg, self.model, self.rank, self.world, self.device, mesh=self.mesh)
         rng = random.Random(cfg.seed + 31 * self.rank)
         if ck is not None:
             opt.load_state_dict(ck["optimizer"])

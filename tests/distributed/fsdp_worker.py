@@ -264,10 +264,32 @@ def reduce_scatter(rank):
     return out
 
 
+def sharded_aspg(rank):
+    """ShardedASPG on the 2x2 mesh at density 1 and 1%: weights after 3 steps (full and local shards), the
+    last step's metrics, and the refusal of a natively 2-D sharded model."""
+    from sparsecomm.integrations.fsdp import ShardedASPG
+
+    mesh, out = _hsdp_mesh(), {}
+    for density in (1.0, 0.01):
+        model = make_model(mesh["shard"])
+        opt = ShardedASPG(model, mesh, lr=1e-2, density=density)
+        before = full(model)
+        train(model, rank, 3, opt=opt)
+        out[f"d{density}"] = {"full": full(model), "before": before,
+                              "local": [p.to_local().detach().clone() for p in model.parameters()],
+                              "metrics": {k: v for k, v in opt.last_metrics.items() if isinstance(v, (int, float, str))}}
+    try:
+        ShardedASPG(make_model(mesh), mesh, lr=1e-2)  # native 2-D HSDP: refused
+        out["refused_native"] = ""
+    except ValueError as e:
+        out["refused_native"] = str(e)
+    return out
+
+
 def run_all(rank, world_size, root):
     torch.use_deterministic_algorithms(True)
     results = {}
-    for fn in (parity, sparse, refusals, reduce_scatter):
+    for fn in (parity, sparse, refusals, reduce_scatter, sharded_aspg):
         results[fn.__name__] = fn(rank)
     results["checkpoint"] = checkpoint(rank, root)
     return results

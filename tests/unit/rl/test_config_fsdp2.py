@@ -13,11 +13,12 @@ def test_fsdp2_engine_is_registered_and_parses():
     cfg = TrainConfig.from_args(OK)
     assert (cfg.engine, cfg.mesh, cfg.comm) == ("fsdp2", "2x2", "hook")
     assert TrainConfig.from_args(OK[:-1] + ["comm=ddp"]).comm == "ddp"  # native HSDP, mesh WORLDx1
+    assert TrainConfig.from_args(OK + ["comm=aspg", "optimizer=aspg"]).comm == "aspg"  # ShardedASPG
 
 
 @pytest.mark.parametrize("override, reason", [
-    (["optimizer=aspg", "comm=aspg"], "does not run ASPG"),
-    (["comm=powersgd"], "supports comm=hook (sparse HSDP) or comm=ddp"),
+    (["optimizer=aspg", "comm=coordinator", "coordinator=tcp://127.0.0.1:5555"], "does not run the coordinator"),
+    (["comm=powersgd"], "supports comm=hook (sparse HSDP of the gradient), comm=aspg"),
     (["mesh=2by2"], "mesh must be RxS"),
     (["lora_rank=4"], "supports fp32 full fine-tuning"),
     (["precision=bf16"], "supports fp32 full fine-tuning"),

@@ -90,12 +90,14 @@ METHODS = {
     # native HSDP (dense all-reduce across the replicas) vs the sparse cross-replica hook at 1%
     "fsdp2-native": ["engine=fsdp2", "mesh=2x2", "comm=ddp", "optimizer=adamw"],
     "fsdp2-1%": ["engine=fsdp2", "mesh=2x2", "comm=hook", "optimizer=adamw", "density=0.01"],
+    # ASPG on the FSDP2 shards, the Adam update's top-k exchanged across the replicas (ShardedASPG)
+    "fsdp2-aspg-1%": ["engine=fsdp2", "mesh=2x2", "comm=aspg", "optimizer=aspg", "density=0.01"],
     # the same gradient compression through plain DDP's comm hook (2 ranks): tells the HSDP plumbing
     # apart from error feedback on the gradient under Adam (the compression 1-bit Adam warned about)
     "hook-1%": ["comm=hook", "optimizer=adamw", "density=0.01"],
 }
-NPROC = {"fsdp2-native": 4, "fsdp2-1%": 4}  # processes per run (default 2)
-OPT_IN = ("fsdp2-native", "fsdp2-1%", "hook-1%", "dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather",
+NPROC = {"fsdp2-native": 4, "fsdp2-1%": 4, "fsdp2-aspg-1%": 4}  # processes per run (default 2)
+OPT_IN = ("fsdp2-native", "fsdp2-1%", "fsdp2-aspg-1%", "hook-1%", "dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather",
           "aspg-1%-split", "aspg-1%-split-share2", "aspg-1%-split-exact", "aspg-1%-bf16", "aspg-1%-bf16-nomaster")
 DEFAULT_METHODS = [m for m in METHODS if m not in OPT_IN]
 

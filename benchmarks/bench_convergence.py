@@ -97,8 +97,9 @@ METHODS = {
     "hook-1%": ["comm=hook", "optimizer=adamw", "density=0.01"],
 }
 NPROC = {"fsdp2-native": 4, "fsdp2-1%": 4, "fsdp2-aspg-1%": 4}  # processes per run (default 2)
-OPT_IN = ("fsdp2-native", "fsdp2-1%", "fsdp2-aspg-1%", "hook-1%", "dense-lr1.5e-4", "dense-lr6e-4", "aspg-1%-allgather",
-          "aspg-1%-split", "aspg-1%-split-share2", "aspg-1%-split-exact", "aspg-1%-bf16", "aspg-1%-bf16-nomaster")
+OPT_IN = ("fsdp2-native", "fsdp2-1%", "fsdp2-aspg-1%", "hook-1%", "dense-lr1.5e-4", "dense-lr6e-4",
+          "aspg-1%-allgather", "aspg-1%-split", "aspg-1%-split-share2", "aspg-1%-split-exact", "aspg-1%-bf16",
+          "aspg-1%-bf16-nomaster")
 DEFAULT_METHODS = [m for m in METHODS if m not in OPT_IN]
 
 

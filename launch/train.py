@@ -8,6 +8,8 @@ One GPU:              python launch/train.py --config launch/recipes/demo.yaml c
 One node, 8 GPUs:     torchrun --nproc-per-node 8 launch/train.py --config CONFIG   (device=auto: cuda:LOCAL_RANK, NCCL)
 Several nodes:        torchrun --nnodes 8 --node-rank R --nproc-per-node 1 \\
                           --master-addr HOST0 --master-port 29500 launch/train.py --config CONFIG
+Federated RL:         python launch/train.py mode=federated clients=8 rounds=20 split=noniid density_up=0.01 \\
+                          [transport=flower|zmq-server|zmq-client] [out=fed.json]   (= sparsecomm federated)
 Overrides:            ... rl_steps=100 density=0.001 comm=hook optimizer=adamw grpo.group_size=4
                       aspg.importance=magnitude (ASPG options: see sparsecomm.optim.aspg)
 
@@ -35,8 +37,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+FEDERATED_OPTIONS = ("transport", "out", "base", "bind", "connect", "client", "leave-after")
+
+
+def federated(args) -> int:
+    """mode=federated: `sparsecomm federated` with the other key=value pairs as FedConfig fields (values
+    as in its --set: Python literals or bare words) and transport=, out=, base=, bind=, connect=, client=,
+    leave-after= as its options."""
+    if args.config:
+        print("launch/train.py: config error: mode=federated takes FedConfig fields as key=value "
+              "(sparsecomm federated --help); --config recipes are the trainer's", file=sys.stderr)
+        return 2
+    from sparsecomm.cli import main as cli
+
+    argv, sets = ["federated"], []
+    for pair in args.overrides:
+        key, _, value = pair.partition("=")
+        if key == "mode":
+            continue
+        if key in FEDERATED_OPTIONS:
+            argv += [f"--{key}", value]
+        else:
+            sets.append(pair)
+    return cli(argv + (["--set", *sets] if sets else []))
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_intermixed_args(argv)  # --config may come after overrides, as before
+    if "mode=federated" in args.overrides:
+        return federated(args)
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
     except ValueError as e:  # a config error is the user's to fix: say it in one line

@@ -1,6 +1,6 @@
 """`sparsecomm federated`: run federated RL over sparse deltas, in one process or over Flower.
 
-    sparsecomm federated --rounds 20 --set density_up=0.01 density_down=0.01 split=noniid
+    sparsecomm federated --set rounds=20 density_up=0.01 density_down=0.01 split=noniid
     sparsecomm federated --transport flower --set clients=4 rounds=5          # Flower simulation (Ray)
     sparsecomm federated --base ckpt/ --out runs/fed.json                      # from a save_pretrained model
     sparsecomm federated --transport zmq-server --bind tcp://0.0.0.0:5600 --set clients=4 rounds=5

@@ -230,6 +230,29 @@ def test_cli_runs_rounds_and_refuses_a_bad_config(tmp_path, capsys):
     assert "mu > 0" in capsys.readouterr().out
 
 
+def test_launch_train_mode_federated_runs_the_federated_cli(tmp_path):
+    """`launch/train.py mode=federated FIELD=VALUE ... out=PATH` is `sparsecomm federated`; a recipe is refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "fed.json"
+    cmd = [sys.executable, str(root / "launch/train.py"), "mode=federated", "clients=2", "rounds=1", "local_steps=1",
+           "prompts_per_step=2", "prompts_per_client=10", "eval_size=4", "split=iid",
+           "grpo={'group_size':2,'max_new_tokens':2,'beta':0.0}", f"out={out}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["clients"] == 2 and [x["round"] for x in data["rounds"]] == [1]
+    r = subprocess.run([*cmd, "--config", "launch/recipes/demo.yaml"], env=env, capture_output=True, text=True,
+                       timeout=60, cwd=root)
+    assert r.returncode == 2 and "mode=federated takes FedConfig fields" in r.stderr
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zeromq_transport_matches_in_process_rounds_with_a_leaver_and_hostile_requests(base):

@@ -80,8 +80,13 @@ class SparseDeltaStrategy(Strategy):
         self._t0: dict[int, float] = {}
 
     def handshake(self, grid: Grid) -> dict[int, int]:
-        """Ask every node for its partition id before round 1, so that client start-up (imports, model build)
-        does not eat into round 1's deadline; returns {node_id: partition}."""
+        """Wait (up to startup_timeout_s) until `clients` nodes have registered, then ask every node for its
+        partition id before round 1, so that client start-up (registration, imports, model build) does not
+        eat into round 1's deadline; returns {node_id: partition}. On a loaded machine Flower's nodes
+        register one by one: round 1 once sampled the single node registered so far."""
+        t_end = time.perf_counter() + self.cfg.startup_timeout_s
+        while len(list(grid.get_node_ids())) < self.cfg.clients and time.perf_counter() < t_end:
+            time.sleep(0.5)
         nodes = sorted(grid.get_node_ids())
         replies = grid.send_and_receive([Message(content=RecordDict(), message_type="query", dst_node_id=n) for n in nodes],
                                         timeout=self.cfg.startup_timeout_s)

@@ -348,6 +348,20 @@ SELECTORS: dict[str, Callable[..., Selector]] = {
 }
 
 
+def selector_state(sel) -> dict:
+    """What a checkpoint keeps of a selector: its generator (sampled / reuse / random-k) and threshold."""
+    return {"generator": sel.generator.get_state() if hasattr(sel, "generator") else None,
+            "threshold": getattr(sel, "threshold", None)}
+
+
+def load_selector_state(sel, s: dict) -> None:
+    """Inverse of `selector_state`."""
+    if s["generator"] is not None:
+        sel.generator.set_state(s["generator"])
+    if hasattr(sel, "threshold"):
+        sel.threshold = s["threshold"]
+
+
 def make_selector(name: str, **kwargs) -> Selector:
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose from {sorted(SELECTORS)}")

@@ -29,7 +29,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from ..codec import VALUE_CODECS, encode, roundtrip_values
-from ..compress import make_selector, subtract_sent_
+from ..compress import load_selector_state, make_selector, selector_state, subtract_sent_
 from ..delta import SparseDelta
 from ..track.comm import CommTracker, ring_allreduce_bytes
 from .aggregate import apply_mean_, decode_all
@@ -245,10 +245,7 @@ class SparseExchange:
     def state_dict(self) -> dict:
         out = {}
         for key, st in self.keys.items():
-            sel = st["selector"]
-            out[key] = {"numel": st["numel"], "chooser": st["chooser"].state_dict(),
-                        "generator": sel.generator.get_state() if hasattr(sel, "generator") else None,
-                        "threshold": getattr(sel, "threshold", None),
+            out[key] = {"numel": st["numel"], "chooser": st["chooser"].state_dict(), **selector_state(st["selector"]),
                         "split": None if st["split"] is None else {
                             **st["split"].state_dict(),
                             "owner_generator": st["split"].owner_selector.generator.get_state(),
@@ -260,11 +257,7 @@ class SparseExchange:
         for key, s in state.items():
             st = self._key(key, s["numel"])
             st["chooser"].load_state_dict(s["chooser"])
-            sel = st["selector"]
-            if s["generator"] is not None:
-                sel.generator.set_state(s["generator"])
-            if hasattr(sel, "threshold"):
-                sel.threshold = s["threshold"]
+            load_selector_state(st["selector"], s)
             if s["split"] is not None:
                 split = self._split(st)
                 split.load_state_dict(s["split"])

@@ -56,11 +56,22 @@ def base_state(cfg, base_dir: str | None = None) -> dict:
     return model_state(model)
 
 
-def write_report(path: str | None, cfg, reports: list[dict], final: dict, **extra) -> None:
+def print_rounds(reports: list[dict]) -> None:
+    for r in reports:
+        print(f"round {r['round']}: accepted {r['accepted']} refused {r['refused']} missing {r['missing']} "
+              f"up {r['bytes_up']} B down {r['bytes_down']} B")
+
+
+def finish(local, reports: list[dict], path: str | None, **extra) -> dict:
+    """The held-out accuracy of the model `local.server` holds (a FedRun's evaluator), printed, and written with
+    the configuration, the round reports and `extra` to `path` as JSON."""
+    final = local.evaluate()
+    print(json.dumps(final))
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({"config": cfg.to_dict(), "rounds": reports, "final": final, **extra},
+        Path(path).write_text(json.dumps({"config": local.cfg.to_dict(), "rounds": reports, "final": final, **extra},
                                          indent=2, default=str))
+    return final
 
 
 def run(args) -> int:
@@ -91,9 +102,8 @@ def run(args) -> int:
     reports = []
     if args.transport == "local":
         for rnd in range(1, cfg.rounds + 1):
-            rep = local.round(rnd)
-            reports.append(dataclasses.asdict(rep))
-            print(f"round {rnd}: accepted {rep.accepted} refused {rep.refused} up {rep.bytes_up} B down {rep.bytes_down} B")
+            reports.append(dataclasses.asdict(local.round(rnd)))
+            print_rounds(reports[-1:])
     elif args.transport == "zmq-server":
         from .client import to_wire
         from .zeromq import ZmqFedServer
@@ -101,9 +111,7 @@ def run(args) -> int:
         zs = ZmqFedServer(cfg, to_wire(base, cfg.layout), args.bind)
         print(f"federated server on {zs.address}: waiting for {cfg.clients} clients", flush=True)
         reports = [dataclasses.asdict(r) for r in zs.serve()]
-        for r in reports:
-            print(f"round {r['round']}: accepted {r['accepted']} refused {r['refused']} missing {r['missing']} "
-                  f"up {r['bytes_up']} B down {r['bytes_down']} B")
+        print_rounds(reports)
         local.server = zs.server  # evaluate the model the clients hold
     else:
         from .flower import run_simulation
@@ -111,7 +119,5 @@ def run(args) -> int:
         sink = run_simulation(cfg, base)
         reports = [dataclasses.asdict(r) for r in sink["strategy"].reports]
         local.server = sink["strategy"].server  # evaluate the model the Flower clients hold
-    final = local.evaluate()
-    print(json.dumps(final))
-    write_report(args.out, cfg, reports, final)
+    finish(local, reports, args.out)
     return 0

@@ -282,7 +282,7 @@ def _deployment_main(grid: Grid, context: Context) -> None:
     import dataclasses
     import shlex
 
-    from .cli import _overrides, base_state, write_report
+    from .cli import _overrides, base_state, finish, print_rounds
     from .loop import FedRun
     from .zeromq import fingerprint
 
@@ -296,14 +296,9 @@ def _deployment_main(grid: Grid, context: Context) -> None:
     serve(grid, cfg, base, sink)  # the same strategy and rounds as the simulation
     local = FedRun(cfg, base)
     local.server = sink["strategy"].server  # evaluate the model the SuperNodes hold
-    final = local.evaluate()
     reports = [dataclasses.asdict(r) for r in sink["strategy"].reports]
-    for r in reports:
-        print(f"round {r['round']}: accepted {r['accepted']} refused {r['refused']} missing {r['missing']} "
-              f"up {r['bytes_up']} B down {r['bytes_down']} B")
-    print(json.dumps(final))
-    write_report(str(rc.get("out", "")) or None, cfg, reports, final,
-                 model_sha256=fingerprint(sink["strategy"].server.broadcast))  # the model the SuperNodes hold
+    print_rounds(reports)
+    finish(local, reports, str(rc.get("out", "")) or None, model_sha256=fingerprint(local.server.broadcast))
 
 
 server_app = ServerApp()

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from ..codec import VALUE_CODECS
-from ..compress import ErrorFeedback, k_for, make_selector
+from ..compress import ErrorFeedback, k_for, load_selector_state, make_selector, selector_state
 from ..exchange.paths import PATHS, PathChooser
 from ..exchange.pipeline import DenseSink, SparseExchange
 from ..track.comm import CommTracker
@@ -357,14 +357,14 @@ class SparseParamGather:
         for held, parts, r in zip(self.held, opt.parallel_partitioned_bit16_groups, self.ranks):
             parts[r].copy_(held)
         _DENSE_GATHER(groups_flat=opt.bit16_groups_flat, partitioned_param_groups=opt.parallel_partitioned_bit16_groups,
-                      dp_process_group=opt.real_dp_process_group, start_alignment_factor=opt.nccl_start_alignment_factor,
+                      dp_process_group=opt.real_dp_process_group,
+                      start_alignment_factor=opt.nccl_start_alignment_factor,
                       allgather_bucket_size=opt.allgather_bucket_size)
         for i in range(len(self.held)):
             opt._update_model_bit16_weights(i)
 
     def state_dict(self) -> dict:
-        return {"held": [h.clone() for h in self.held], "selectors": [
-            {"generator": s.generator.get_state(), "threshold": s.threshold} for s in self.selectors]}
+        return {"held": [h.clone() for h in self.held], "selectors": [selector_state(s) for s in self.selectors]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["held"]) != len(self.held) or any(a.shape != b.shape for a, b in zip(state["held"], self.held)):
@@ -372,8 +372,7 @@ class SparseParamGather:
         for h, saved in zip(self.held, state["held"]):
             h.copy_(saved)
         for sel, s in zip(self.selectors, state["selectors"]):
-            sel.generator.set_state(s["generator"])
-            sel.threshold = s["threshold"]
+            load_selector_state(sel, s)
 
 
 _SPARSE_GATHERS: dict[int, SparseParamGather] = {}  # id(optimizer.parallel_partitioned_bit16_groups) -> gather

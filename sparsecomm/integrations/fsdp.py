@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 
 from ..codec import VALUE_CODECS, CodecError, roundtrip_values
-from ..compress import ErrorFeedback, k_for, make_selector, subtract_sent_
+from ..compress import ErrorFeedback, k_for, load_selector_state, make_selector, selector_state, subtract_sent_
 from ..exchange.paths import PATHS
 from ..exchange.pipeline import DenseSink, SparseExchange
 from ..exchange.split import to_owners
@@ -255,7 +255,7 @@ class SparseFSDPState:
         deduplicates them (replicas' residuals differ)."""
         mine = {"ef": self.ef.state_dict(), "iteration": self.iteration,
                 "exchange": self.exchange.state_dict() if self.exchange is not None else None,
-                "selectors": {key: [_selector_state(s) for s in sels] for key, sels in self.selectors.items()}}
+                "selectors": {key: [selector_state(s) for s in sels] for key, sels in self.selectors.items()}}
         buf = io.BytesIO()
         torch.save(mine, buf)
         return {"settings": json.dumps(self.settings, sort_keys=True), f"rank{self.rank}": buf.getvalue()}
@@ -274,7 +274,7 @@ class SparseFSDPState:
         for key, states in mine["selectors"].items():
             self.selectors[key] = [self._selector(len(self.selectors) * len(states) + j) for j in range(len(states))]
             for sel, s in zip(self.selectors[key], states):
-                _load_selector_state(sel, s)
+                loadselector_state(sel, s)
 
     def load_checkpoint(self, checkpoint_id, key: str = "sparsecomm") -> bool:
         """Load this state from a torch.distributed.checkpoint directory saved with
@@ -309,18 +309,6 @@ class SparseFSDPState:
             if getattr(m, _MARK, None) is self:
                 delattr(m, _MARK)
         self._modules = []
-
-
-def _selector_state(sel) -> dict:
-    return {"generator": sel.generator.get_state() if hasattr(sel, "generator") else None,
-            "threshold": getattr(sel, "threshold", None)}
-
-
-def _load_selector_state(sel, s: dict) -> None:
-    if s["generator"] is not None:
-        sel.generator.set_state(s["generator"])
-    if hasattr(sel, "threshold"):
-        sel.threshold = s["threshold"]
 
 
 def _settings_mismatch(saved: dict, current: dict) -> str:

@@ -250,13 +250,17 @@ def param_groups(cfg: TrainConfig, model) -> list:
     return [{"params": ps, "density": float(cfg.kind_density.get(kind, cfg.density))} for kind, ps in groups.items()]
 
 
+def _aspg_kwargs(cfg, rank, world) -> dict:
+    """ASPG's hyperparameters from a recipe (ASPG over whole parameters and ShardedASPG alike)."""
+    return dict(lr=cfg.rl_lr, density=cfg.density, value_codec=cfg.value_codec,
+                dense_baseline_every=cfg.dense_baseline_every if world > 1 else 0, seed=cfg.seed + rank,
+                **({"budget": "per_tensor"} if cfg.kind_density else {}), **cfg.aspg)
+
+
 def _aspg(cfg, params, rank, world, device):
     from ..optim import ASPG
 
-    return ASPG(params, lr=cfg.rl_lr, density=cfg.density, value_codec=cfg.value_codec,
-                transport=build_transport(cfg, rank, world, device),
-                dense_baseline_every=cfg.dense_baseline_every if world > 1 else 0, seed=cfg.seed + rank,
-                **({"budget": "per_tensor"} if cfg.kind_density else {}), **cfg.aspg)
+    return ASPG(params, transport=build_transport(cfg, rank, world, device), **_aspg_kwargs(cfg, rank, world))
 
 
 def _adafactor(cfg, params, rank, world, device):
@@ -280,8 +284,7 @@ def build_optimizer(cfg: TrainConfig, model, rank: int, world: int, device: torc
     if cfg.optimizer == "aspg" and mesh is not None:
         from ..integrations.fsdp import ShardedASPG
 
-        return ShardedASPG(model, mesh, lr=cfg.rl_lr, density=cfg.density, value_codec=cfg.value_codec,
-                           dense_baseline_every=cfg.dense_baseline_every, seed=cfg.seed + rank, **cfg.aspg)
+        return ShardedASPG(model, mesh, **_aspg_kwargs(cfg, rank, world))
     return OPTIMIZER_BUILDERS[cfg.optimizer](cfg, param_groups(cfg, model), rank, world, device)
 
 

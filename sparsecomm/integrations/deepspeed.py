@@ -287,8 +287,9 @@ class SparseParamGather:
     3x-only traffic that stays once the gradient reduction is compressed (results/deepspeed.md).
     Here every rank keeps the *published* copy of its own slice (what every rank holds for it) and
     sends only the k = param_density x slice entries where the master moved most away from it
-    (`reuse` top-k of |master - published|), as new values in the weights' own dtype (exact: what
-    a receiver writes is what the owner writes). The rest is not lost: master - published is the
+    (`reuse` top-k of |master rounded to the weights' dtype - published|: in bf16 an entry that already
+    holds its master's rounding is never picked again), as new values in the weights' own dtype (exact:
+    what a receiver writes is what the owner writes). The rest is not lost: master - published is the
     error-feedback residual, carried by the optimizer's fp32 master, sent in a later step once it
     grows. Every rank writes the same values into the same slices, so replicas stay bit-identical,
     and the forward pass runs on the published weights (the master leads them by that residual).
@@ -325,11 +326,13 @@ class SparseParamGather:
             if any(p.numel() != n for p in parts):
                 raise RuntimeError(f"group {i}: ZeRO partitions of unequal sizes {[p.numel() for p in parts]}")
             codec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[own.dtype]
-            master = self.opt.single_partition_of_fp32_groups[i].detach().view(-1)
+            new = own.detach().view(-1)  # DeepSpeed just copied the master here: the value a dense gather publishes
             with c.phase("param_select"):
-                moved = master - held.view(-1).float()  # (n,) fp32: what the other ranks do not have yet
+                # ranked in the weights' dtype, not against the fp32 master: a bf16 entry already at its master's
+                # rounding has nothing to send, however large that rounding error (it would starve small entries)
+                moved = new.float() - held.view(-1).float()  # (n,) fp32: what the other ranks do not have yet
                 sel = self.selectors[i].select(moved, k_for(n, self.density))
-                d = SparseDelta(sel.indices, master[sel.indices].to(own.dtype), (n,), own.dtype)
+                d = SparseDelta(sel.indices, new[sel.indices].clone(), (n,), own.dtype)
             with c.phase("param_encode"):
                 payload = encode(d, self.index_codec, codec)
             with c.phase("param_transfer"):

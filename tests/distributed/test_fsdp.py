@@ -117,6 +117,16 @@ def test_sharded_aspg_replicas_identical_and_sparse(results, density):
     assert "mesh['shard'] only" in results[0]["sharded_aspg"]["refused_native"]
 
 
+def test_sharded_aspg_resume_is_bit_exact(results):
+    """ShardedASPG's state (moments, residuals, selector, split bounds and owner residuals) plus the model's
+    DCP state dict resume the run exactly, on every rank."""
+    for res in results:
+        r = res["sharded_aspg"]["resume"]
+        assert r["path"] == "split"
+        assert not equal(r["reference"], r["fresh"])  # it trained
+        assert equal(r["resumed"], r["reference"])
+
+
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_bad_configuration_refused_on_every_rank(results, case):
     for r in results:

@@ -176,6 +176,25 @@ def sparse_param_gather_scenarios(rank: int) -> dict:
                                       "lagging": lagging, "lag_nonzero": int((lag != 0).sum()),
                                       "caught_up_equals_masters": bool(torch.equal(caught_up, masters(eng))),
                                       "metrics": metrics, "final": weights(eng.module)}
+    # bf16 ZeRO-2 (DeepSpeedZeroOptimizer with bf16 weights, fp32 masters): the published copies are bf16
+    dense = sds.initialize(tiny_model(), adamw_config(2, bf16=True), comm="dense")
+    train(dense, rank, STEPS, dtype=torch.bfloat16)
+    full = sds.initialize(tiny_model(), adamw_config(2, bf16=True), comm="sparse_grad",
+                          state=sds.SparseReduceState(density=1.0, param_density=1.0))
+    train(full, rank, STEPS, dtype=torch.bfloat16)
+    state = sds.SparseReduceState(density=0.05, param_density=0.05)
+    eng = sds.initialize(tiny_model(), adamw_config(2, bf16=True), comm="sparse_grad", state=state)
+    train(eng, rank, STEPS, dtype=torch.bfloat16)
+    lagging = weights(eng.module)
+    lag = masters(eng).to(torch.bfloat16) != torch.cat([h.view(-1) for h in state.param_gather.held])
+    for g in eng.optimizer.optimizer.param_groups:
+        g["lr"] = 0.0
+    train(eng, rank, 21, start=STEPS, dtype=torch.bfloat16)
+    caught_up = torch.cat([h.view(-1) for h in state.param_gather.held])
+    out["z2_bf16_params005"] = {"dense": weights(dense.module), "full": weights(full.module), "lagging": lagging,
+                                "lag_nonzero": int(lag.sum()), "held_dtype": str(caught_up.dtype),
+                                "caught_up_equals_masters": bool(torch.equal(caught_up, masters(eng).to(torch.bfloat16))),
+                                "final": weights(eng.module), "metrics": dict(state.last_metrics)}
     ckpt = os.environ["SPARSECOMM_DS_CKPT"] + "_z2p"
     make = lambda seed=0: sds.initialize(tiny_model(seed=seed), adamw_config(2), comm="sparse_grad",  # noqa: E731
                                          state=sds.SparseReduceState(density=0.05, param_density=0.05))

@@ -86,6 +86,8 @@ METHODS = {
     "aspg-1%-bf16": ["comm=aspg", "optimizer=aspg", "density=0.01", "precision=bf16"],
     "aspg-1%-bf16-nomaster": ["comm=aspg", "optimizer=aspg", "density=0.01", "precision=bf16",
                               "aspg.master_weights=false"],
+    # ASPG's residual and importance EMA in bf16 (stochastic rounding; 6 B per parameter less state)
+    "aspg-1%-state-bf16": ["comm=aspg", "optimizer=aspg", "density=0.01", "aspg.state_dtype=bf16"],
     # FSDP2 HSDP on 4 ranks (2 replica groups x 2 shards; recipe launch/recipes/fsdp2_hsdp.yaml):
     # native HSDP (dense all-reduce across the replicas) vs the sparse cross-replica hook at 1%
     "fsdp2-native": ["engine=fsdp2", "mesh=2x2", "comm=ddp", "optimizer=adamw"],
@@ -99,7 +101,7 @@ METHODS = {
 NPROC = {"fsdp2-native": 4, "fsdp2-1%": 4, "fsdp2-aspg-1%": 4}  # processes per run (default 2)
 OPT_IN = ("fsdp2-native", "fsdp2-1%", "fsdp2-aspg-1%", "hook-1%", "dense-lr1.5e-4", "dense-lr6e-4",
           "aspg-1%-allgather", "aspg-1%-split", "aspg-1%-split-share2", "aspg-1%-split-exact", "aspg-1%-bf16",
-          "aspg-1%-bf16-nomaster")
+          "aspg-1%-bf16-nomaster", "aspg-1%-state-bf16")
 DEFAULT_METHODS = [m for m in METHODS if m not in OPT_IN]
 
 

@@ -190,10 +190,11 @@ class SparseExchange:
         t0, cpu0 = time.perf_counter(), time.process_time()
         with c.phase("exchange"):
             if route == "dense":
+                mean = e if e.dtype == torch.float32 else e.float()  # a bf16 residual (ASPG state_dtype): fp32 sum
                 with c.phase("transfer"):
-                    self.transport.all_reduce_mean_(e)
+                    self.transport.all_reduce_mean_(mean)
                 with c.phase("apply"):
-                    sink.add_dense(e)
+                    sink.add_dense(mean)
                     e.zero_()
                 vol = ring_allreduce_bytes(n, 4, P)
                 c.add_sent(vol)

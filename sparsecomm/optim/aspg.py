@@ -44,9 +44,20 @@ rounded away after their sender already removed them from its residual.
 State: Adam moments, the residual and the importance EMA are worker-local by design (each
 describes that worker's own gradient stream, as in DGC and 1-bit Adam); weights, master copies,
 step counters and every exchange decision are replicated and stay bit-identical across ranks.
-`state_dict` keeps the residual, importance and masters in fp32 (outside the per-parameter
-state, which torch's `load_state_dict` would cast to the parameter dtype), and the exchange's
-selector generators, thresholds, path timings and split owner residuals: resume is exact.
+`state_dict` keeps the residual, importance and masters in their own dtype (outside the
+per-parameter state, which torch's `load_state_dict` would cast to the parameter dtype), and the
+exchange's selector generators, thresholds, path timings and split owner residuals: resume is exact.
+
+`state_dtype="bf16"` keeps the residual and the importance EMA (and its ranking buffer) in bf16:
+6 of ASPG's 20 bytes per fp32 parameter (moments 8, residual 4, importance 4, ranking 4) saved
+per worker. The cost: bf16 has 8 significant bits, so an entry that waits long enough gains
+updates below half its ulp; added with round-to-nearest they would vanish (an entry behind by
+256 steps of lr would stop growing). They are added with stochastic rounding instead (a seeded
+generator, part of the checkpoint): unbiased, so the residual's expectation is the exact sum and
+nothing is lost on average, but not bit for bit. Sent values leave the residual exactly for bf16
+and fp32 value codecs (what is sent is the residual's own bf16 value); for int8/int4/int2 codecs
+the leftover e - q(e) is rounded to bf16. The reward cost on the convergence benchmark is in
+benchmarks/results/convergence_state_bf16.md.
 
     opt = ASPG(model.parameters(), lr=1e-4, density=0.01, transport=TorchDistTransport())
     loss.backward(); opt.step(); opt.zero_grad()
@@ -72,6 +83,19 @@ from ..track.comm import CommTracker
 
 IMPORTANCE = ("magnitude", "ema_grad", "impact", "random")
 BUDGETS = ("global", "per_tensor")
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # residual and importance buffers
+
+
+def add_stochastic_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
+    """dst (bf16) += src (fp32), rounded stochastically: the fp32 sum rounds up in magnitude with
+    probability (its distance to the bf16 below) / (one bf16 step), so E[dst] is the exact sum. Done
+    on the bits: add 16 random low bits to the fp32 pattern, then cut them (sign-magnitude: works
+    for both signs)."""
+    x = dst.float().add_(src)
+    bits = x.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device))
+    bits.bitwise_and_(-65536)  # ~0xFFFF: the fp32 value is now exactly a bf16 value (inf and nan stay so)
+    dst.copy_(x)
 
 
 class ASPG(Optimizer):
@@ -83,7 +107,7 @@ class ASPG(Optimizer):
                  dense_fallback: bool = True, fallback_margin: float = 1.0, switch: str = "volume",
                  probe_every: int = 50, paths: tuple[str, ...] = PATHS, exact: bool = False, rebalance_every: int = 10,
                  owner_share: float = OWNER_SHARE,
-                 master_weights: bool | None = None, transport: Transport | None = None,
+                 master_weights: bool | None = None, state_dtype: str = "fp32", transport: Transport | None = None,
                  dense_baseline_every: int = 0, seed: int = 0):
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"bad Adam hyperparameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
@@ -101,6 +125,8 @@ class ASPG(Optimizer):
             raise ValueError(f"unknown value codec {value_codec!r}; choose from {sorted(VALUE_CODECS)}")
         if switch not in SWITCH_POLICIES:
             raise ValueError(f"switch must be one of {SWITCH_POLICIES}, got {switch!r}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)} (residual and importance), got {state_dtype!r}")
         paths = tuple(p for p in paths if dense_fallback or p != "dense")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options = dict(density=density, warmup_steps=warmup_steps, adaptive_epsilon=adaptive_epsilon,
@@ -108,7 +134,7 @@ class ASPG(Optimizer):
                             importance=importance, ema_beta=ema_beta, selector=selector, index_codec=index_codec,
                             value_codec=value_codec, dense_fallback=dense_fallback, fallback_margin=fallback_margin,
                             switch=switch, probe_every=probe_every, paths=list(paths), exact=exact,
-                            rebalance_every=rebalance_every, owner_share=owner_share)
+                            rebalance_every=rebalance_every, owner_share=owner_share, state_dtype=state_dtype)
         self.transport = transport or LocalTransport()
         self.comm = CommTracker(dense_baseline_every, getattr(self.transport, "group", None))
         self.exchange = SparseExchange(self.transport, selector="randomk" if importance == "random" else selector,
@@ -118,8 +144,8 @@ class ASPG(Optimizer):
                                        owner_share=owner_share)
         self._sample_gen = torch.Generator().manual_seed(seed + 1)
 
-        # One flat fp32 buffer holds every parameter's residual (and importance score), so a
-        # global budget selects once over the whole model.
+        # One flat buffer (fp32, or bf16 with state_dtype) holds every parameter's residual (and
+        # importance score), so a global budget selects once over the whole model.
         self._params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if len({p.device for p in self._params}) > 1:
             raise ValueError("ASPG keeps one flat buffer: all parameters must be on one device")
@@ -138,9 +164,13 @@ class ASPG(Optimizer):
         self._index = {id(p): i for i, p in enumerate(self._params)}  # parameter -> its slot in the flat layout
         self.numel = self.layout.numel
         device = self._params[0].device if self._params else torch.device("cpu")
-        self.ef = ErrorFeedback()
-        self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        self._score = torch.zeros(self.numel, device=device) if importance in ("ema_grad", "impact") else None
+        sdt = STATE_DTYPES[state_dtype]
+        self.ef = ErrorFeedback(sdt)
+        self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=sdt, device=device)
+        self._score = torch.zeros(self.numel, dtype=sdt, device=device) if importance in ("ema_grad", "impact") else None
+        # bf16 state: the generator of the stochastic rounding of residual updates (replicas need not agree: the
+        # residual is worker-local; a checkpoint keeps it, so a resume rounds the same way)
+        self._round_gen = torch.Generator(device=device).manual_seed(seed + 2) if sdt != torch.float32 else None
         self._rank_buf: torch.Tensor | None = None  # |residual x score|, reused every exchange
         self._residual_views = self.layout.views(self.ef.residuals["flat"])
         self._score_views = self.layout.views(self._score) if self._score is not None else None
@@ -161,6 +191,7 @@ class ASPG(Optimizer):
                       "score": None if self._score is None else self._score.clone(),
                       "masters": [None if m is None else m.clone() for m in self._masters],
                       "exchange": self.exchange.state_dict(), "sample_gen": self._sample_gen.get_state(),
+                      "round_gen": None if self._round_gen is None else self._round_gen.get_state(),
                       "decay_ops": list(self.decay_ops)}
         return sd
 
@@ -181,6 +212,8 @@ class ASPG(Optimizer):
         self.steps, self.version = extra["steps"], extra["version"]
         self.decay_ops = [tuple(op) for op in extra.get("decay_ops", ())]
         self._sample_gen.set_state(extra["sample_gen"])
+        if self._round_gen is not None:
+            self._round_gen.set_state(extra["round_gen"])
 
     @property
     def chooser(self):
@@ -209,7 +242,7 @@ class ASPG(Optimizer):
 
     def state_memory(self) -> dict:
         """Bytes ASPG holds per worker, by buffer (the trackers export them as memory/*): Adam moments, the flat
-        fp32 residual, the importance EMA and its ranking buffer, fp32 master weights; and on CUDA the
+        residual, the importance EMA and its ranking buffer (fp32, or bf16 with state_dtype), fp32 master weights; and on CUDA the
         device's peak allocated bytes so far (torch.cuda.max_memory_allocated), which includes the model."""
         def nbytes(ts) -> int:
             return sum(t.numel() * t.element_size() for t in ts if t is not None)
@@ -266,10 +299,18 @@ class ASPG(Optimizer):
             torch._foreach_div_(denom, [math.sqrt(1 - b2 ** s) for s in steps])
             torch._foreach_add_(denom, eps)
             res = [self._residual_views[index[id(p)]] for p in ps]
-            torch._foreach_addcdiv_(res, m1, denom, [-lr / (1 - b1 ** s) for s in steps])
+            scale = [-lr / (1 - b1 ** s) for s in steps]
+            if self._round_gen is None:
+                torch._foreach_addcdiv_(res, m1, denom, scale)
+            else:  # bf16 state: the update in fp32, added with stochastic rounding (module docstring)
+                upd = torch._foreach_div(m1, denom)
+                torch._foreach_mul_(upd, scale)
+                for r, u in zip(res, upd):
+                    add_stochastic_(r, u, self._round_gen)
             if self._score_views is not None:
                 score = [self._score_views[index[id(p)]] for p in ps]
-                g32 = [g if g.dtype == torch.float32 else g.float() for g in grads]  # fp32 EMA of bf16 grads too
+                sdt = self._score.dtype  # the EMA in the state dtype (fp32 EMA of bf16 grads too)
+                g32 = [g if g.dtype == sdt else g.to(sdt) for g in grads]
                 if importance == "ema_grad":
                     torch._foreach_mul_(score, beta_ema)
                     torch._foreach_add_(score, torch._foreach_abs(g32), alpha=1 - beta_ema)

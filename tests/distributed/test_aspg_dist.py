@@ -37,10 +37,11 @@ def train_steps(model, opt, rank, steps, start=0):
     return paths
 
 
-def _replicas(rank, ws, density, steps, value_codec="bf16", paths=("dense", "allgather", "split")):
+def _replicas(rank, ws, density, steps, value_codec="bf16", paths=("dense", "allgather", "split"), state_dtype="fp32",
+              warmup_steps=0):
     model = make_model()
     opt = ASPG(model.parameters(), lr=1e-3, density=density, value_codec=value_codec, paths=paths,
-               transport=TorchDistTransport())
+               transport=TorchDistTransport(), state_dtype=state_dtype, warmup_steps=warmup_steps)
     paths = train_steps(model, opt, rank, steps)
     return {"params": [p.detach().clone() for p in model.parameters()], "paths": paths,
             "replicated": (opt.steps, opt.version),
@@ -63,6 +64,18 @@ def test_replicas_stay_bit_identical(tmp_path, world_size):
     m = res[0]["metrics"]
     assert m["comm/sent_bytes"] > 0 and m["comm/dense_equiv_bytes"] > m["comm/sent_bytes"]
     assert {"timing/select_s", "timing/encode_s", "timing/transfer_s", "timing/decode_s", "timing/apply_s"} <= set(m)
+
+
+@pytest.mark.parametrize("path", ["allgather", "split"])
+def test_bf16_state_replicas_stay_bit_identical(tmp_path, path):
+    """state_dtype=bf16 (residual and importance in bf16, stochastic rounding): a dense warm-up step (the bf16
+    residual is all-reduced in fp32) then sparse steps on the path; every replica holds the same weights."""
+    res = run_workers(_replicas, 3, tmp_path, 0.05, 5, "bf16", ("dense", path), "bf16", 1)
+    for r in res:
+        assert r["paths"] == ["dense"] + [path] * 4 and r["residual"].dtype == torch.bfloat16
+        for a, b in zip(res[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    assert not torch.equal(res[0]["params"][0], make_model()[0].weight)
 
 
 def test_automatic_switch_to_dense(tmp_path):
@@ -122,15 +135,17 @@ def test_applied_update_is_mean_of_selected(tmp_path):
     assert torch.equal(res[0][0], res[1][0])
 
 
-def _resume(rank, ws, tmpdir):
+def _resume(rank, ws, tmpdir, state_dtype="fp32"):
     model = make_model()
-    opt = ASPG(model.parameters(), lr=1e-3, density=0.05, transport=TorchDistTransport())
+    opt = ASPG(model.parameters(), lr=1e-3, density=0.05, transport=TorchDistTransport(), state_dtype=state_dtype,
+               paths=("split",))
     train_steps(model, opt, rank, 3)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, f"{tmpdir}/ckpt{rank}.pt")
     train_steps(model, opt, rank, 3, start=3)
     first = [p.detach().clone() for p in model.parameters()]
     model2 = make_model()
-    opt2 = ASPG(model2.parameters(), lr=1e-3, density=0.05, transport=TorchDistTransport())
+    opt2 = ASPG(model2.parameters(), lr=1e-3, density=0.05, transport=TorchDistTransport(), state_dtype=state_dtype,
+                paths=("split",))
     ck = torch.load(f"{tmpdir}/ckpt{rank}.pt", weights_only=False)
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
@@ -138,7 +153,8 @@ def _resume(rank, ws, tmpdir):
     return first, [p.detach().clone() for p in model2.parameters()]
 
 
-def test_exact_resume_two_ranks(tmp_path):
-    for first, resumed in run_workers(_resume, 2, tmp_path, str(tmp_path)):
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_exact_resume_two_ranks(tmp_path, state_dtype):
+    for first, resumed in run_workers(_resume, 2, tmp_path, str(tmp_path), state_dtype):
         for a, b in zip(first, resumed):
             assert torch.equal(a, b)

@@ -337,3 +337,78 @@ def test_state_memory_counts_every_buffer(dtype):
     assert mem["memory/aspg_master_bytes"] == (4 * n if dtype == torch.bfloat16 else 0)
     assert mem["memory/aspg_state_bytes"] == sum(v for k, v in mem.items() if k != "memory/aspg_state_bytes")
     assert "memory/cuda_peak_allocated_bytes" not in mem  # CPU
+
+
+def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_everything():
+    """add_stochastic_: 1000 additions of 1e-3 to 1.0 in bf16 (half an ulp of 1.0 is 3.9e-3, so round-to-nearest
+    stays at 1.0); stochastic rounding ends near 2.0, and its mean over 4096 entries is within 1% of it."""
+    from sparsecomm.optim.aspg import add_stochastic_
+
+    gen = torch.Generator().manual_seed(0)
+    sr = torch.ones(4096, dtype=torch.bfloat16)
+    rn = torch.ones(4096, dtype=torch.bfloat16)
+    step = torch.full((4096,), 1e-3)
+    for _ in range(1000):
+        add_stochastic_(sr, step, gen)
+        rn.add_(step.bfloat16())
+    assert torch.equal(rn, torch.ones_like(rn))
+    assert abs(float(sr.float().mean()) - 2.0) < 0.02
+    # already-representable sums are exact, negative values round symmetrically, inf stays inf
+    x = torch.tensor([1.0, -1.0, -3.0, float("inf")], dtype=torch.bfloat16)
+    add_stochastic_(x, torch.tensor([0.5, -0.5, 1.0, 1.0]), gen)
+    assert x.tolist() == [1.5, -1.5, -2.0, float("inf")]
+
+
+@pytest.mark.parametrize("importance", ["impact", "ema_grad", "magnitude"])
+def test_bf16_state_halves_the_buffers(importance):
+    """state_dtype=bf16: residual, importance EMA and its ranking buffer in bf16 (2 B per parameter each)."""
+    m = model()
+    n = sum(p.numel() for p in m.parameters())
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.1, importance=importance, state_dtype="bf16")
+    train(m, opt, batches(2))
+    assert opt.ef.residuals["flat"].dtype == torch.bfloat16
+    mem = opt.last_metrics
+    assert mem["memory/aspg_residual_bytes"] == 2 * n
+    assert mem["memory/aspg_importance_bytes"] == {"impact": 2 * 2 * n, "ema_grad": 2 * n, "magnitude": 0}[importance]
+
+
+def test_bf16_state_loses_nothing_on_average():
+    """Gradients independent of the weights, a drift so every residual keeps growing, 0.2% sent per step: an
+    entry waits ~500 steps, its residual reaches ~0.15 where half a bf16 step (4.9e-4) exceeds one update
+    (~3e-4). applied + residual must match the fp32 dense sum without bias: round-to-nearest additions lose
+    1.7e-3 per entry on average here (checked by hand), stochastic rounding's mean error is ~1e-4."""
+    def run(state_dtype, density):
+        p = nn.Parameter(torch.zeros(1000))
+        opt = ASPG([p], lr=1e-3, density=density, value_codec="bf16", state_dtype=state_dtype)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(600):
+            p.grad = torch.randn(1000, generator=g) + 0.3
+            opt.step()
+        return p.detach(), opt
+
+    dense, _ = run("fp32", 1.0)
+    p, opt = run("bf16", 0.002)
+    err = p + opt.ef.residuals["flat"].float() - dense
+    assert float(err.abs().max()) < 0.03  # bf16 rounding of a ~0.15 residual, summed over its additions
+    assert abs(float(err.mean())) < 6e-4
+
+
+def test_bf16_state_resume_is_bit_exact_and_options_are_checked():
+    data = batches(8)
+    m1 = model()
+    o1 = ASPG(m1.parameters(), lr=1e-2, density=0.05, state_dtype="bf16")
+    train(m1, o1, data[:4])
+    ckpt = copy.deepcopy({"model": m1.state_dict(), "opt": o1.state_dict()})
+    train(m1, o1, data[4:])
+    m2 = model(seed=5)
+    o2 = ASPG(m2.parameters(), lr=1e-2, density=0.05, state_dtype="bf16")
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    train(m2, o2, data[4:])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(o1.ef.residuals["flat"], o2.ef.residuals["flat"])  # the rounding generator resumed too
+    with pytest.raises(ValueError, match="ASPG options"):
+        ASPG(model().parameters(), lr=1e-2, density=0.05).load_state_dict(ckpt["opt"])
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        ASPG(model().parameters(), state_dtype="fp16")

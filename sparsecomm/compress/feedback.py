@@ -31,11 +31,25 @@ def subtract_sent_(residual: torch.Tensor, sent: SparseDelta) -> None:
     flat.index_add_(0, sent.indices.to(flat.device), sent.values.to(flat.device, flat.dtype), alpha=-1)
 
 
+def add_stochastic_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
+    """dst (bf16) += src (fp32), rounded stochastically: the fp32 sum rounds up in magnitude with
+    probability (its distance to the bf16 below) / (one bf16 step), so E[dst] is the exact sum (a bf16
+    residual, ASPG's state_dtype="bf16": round-to-nearest would drop every addition below half an ulp).
+    Done on the bits: add 16 random low bits to the fp32 pattern, then cut them (sign-magnitude: works
+    for both signs; an exact sum stays exact; inf stays inf, nan stays nan)."""
+    x = dst.float().add_(src)
+    nan = torch.isnan(x)  # an all-ones nan mantissa would carry into the sign bit
+    bits = x.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device))
+    bits.bitwise_and_(-65536)  # ~0xFFFF: the fp32 value is now exactly a bf16 value
+    dst.copy_(x.masked_fill_(nan, float("nan")))
+
+
 class ErrorFeedback:
     """Per-tensor residual buffers, keyed by name."""
 
     def __init__(self, dtype: torch.dtype = torch.float32):
-        self.dtype = dtype  # residuals accumulate many small updates: keep them in fp32
+        self.dtype = dtype  # residuals accumulate many small updates: fp32 (bf16 only with stochastic rounding)
         self.residuals: dict[str, torch.Tensor] = {}
 
     def compensate(self, name: str, update: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The sparse exchange, written once: ASPG, the DDP hook and the benchmarks all call `SparseExchange`.
 
-One exchange of a worker's flat fp32 residual `e` (its error-feedback buffer, already holding
-this step's update), for a budget of k entries:
+One exchange of a worker's flat residual `e` (its error-feedback buffer, fp32 or, with ASPG's
+state_dtype, bf16; already holding this step's update), for a budget of k entries:
 
     path = chooser.choose(...)            dense | allgather | split, identical on every rank
     d    = select(e, k)                   (k,) sorted indices, e's values there

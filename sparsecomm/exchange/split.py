@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..codec import VALUE_CODECS, CodecError, encode, roundtrip_values
-from ..compress import SampledThreshold, subtract_sent_
+from ..compress import SampledThreshold, add_stochastic_, subtract_sent_
 from ..delta import SparseDelta
 from .aggregate import decode_from
 from .torch_dist import SIZE_BYTES
@@ -105,6 +105,7 @@ class SplitAllReduce:
         self.hist = torch.zeros(self.bins, dtype=torch.int64)  # selected entries per bin since the last rebalance
         self.exchanges = 0  # replicated
         self.last: dict = {}
+        self.round_gen: torch.Generator | None = None  # flushes into a bf16 worker residual (stochastic rounding)
 
     # ------------------------------------------------------------------ shards
     @property
@@ -118,11 +119,17 @@ class SplitAllReduce:
         return self.acc
 
     def flush_(self, e: torch.Tensor) -> None:
-        """Hand the owner residual back to this worker's residual `e` (sum units: exact), e.g. before
-        a dense or all-gather exchange, or when the bounds move."""
+        """Hand the owner residual back to this worker's residual `e` (sum units: exact into fp32; into a
+        bf16 `e`, ASPG's state_dtype, rounded stochastically: unbiased), e.g. before a dense or
+        all-gather exchange, or when the bounds move."""
         if self.acc is not None and self.acc.numel():
             lo, hi = self.shard
-            e[lo:hi].add_(self.acc.to(e.device))
+            if e.dtype == torch.float32:
+                e[lo:hi].add_(self.acc.to(e.device))
+            else:
+                if self.round_gen is None:
+                    self.round_gen = torch.Generator(device=e.device).manual_seed(104729 + self.rank)
+                add_stochastic_(e[lo:hi], self.acc.to(e.device), self.round_gen)
             self.acc.zero_()
 
     def _rebalance(self, transport, e: torch.Tensor) -> None:
@@ -227,7 +234,8 @@ class SplitAllReduce:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"bounds": list(self.bounds), "acc": None if self.acc is None else self.acc.clone(),
-                "hist": self.hist.clone(), "exchanges": self.exchanges}
+                "hist": self.hist.clone(), "exchanges": self.exchanges,
+                "round_gen": None if self.round_gen is None else (str(self.round_gen.device), self.round_gen.get_state())}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["bounds"]) != self.P + 1 or state["bounds"][-1] != self.numel:
@@ -237,3 +245,8 @@ class SplitAllReduce:
         self.acc = None if state["acc"] is None else state["acc"].detach().to(torch.float32).clone()
         self.hist = state["hist"].clone()
         self.exchanges = state["exchanges"]
+        saved = state.get("round_gen")  # absent in checkpoints from before bf16 residuals
+        self.round_gen = None
+        if saved is not None:
+            self.round_gen = torch.Generator(device=saved[0])
+            self.round_gen.set_state(saved[1])

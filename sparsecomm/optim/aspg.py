@@ -54,10 +54,11 @@ per worker. The cost: bf16 has 8 significant bits, so an entry that waits long e
 updates below half its ulp; added with round-to-nearest they would vanish (an entry behind by
 256 steps of lr would stop growing). They are added with stochastic rounding instead (a seeded
 generator, part of the checkpoint): unbiased, so the residual's expectation is the exact sum and
-nothing is lost on average, but not bit for bit. Sent values leave the residual exactly for bf16
-and fp32 value codecs (what is sent is the residual's own bf16 value); for int8/int4/int2 codecs
-the leftover e - q(e) is rounded to bf16. The reward cost on the convergence benchmark is in
-benchmarks/results/convergence_state_bf16.md.
+nothing is lost on average, but not bit for bit. Sent values leave the residual exactly (bf16
+and fp32 codecs send the residual's own bf16 value; for int8/int4/int2 e - q(e) is exact by
+Sterbenz), and owner residuals handed back by the split path are added stochastically too. The
+importance EMA rounds to nearest (a ranking only), so ema_beta > 0.99 is refused. The reward cost
+on the convergence benchmark: benchmarks/results/convergence_state_bf16.md.
 
     opt = ASPG(model.parameters(), lr=1e-4, density=0.01, transport=TorchDistTransport())
     loss.backward(); opt.step(); opt.zero_grad()
@@ -73,7 +74,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..codec import VALUE_CODECS
-from ..compress import ErrorFeedback, k_for, subtract_sent_
+from ..compress import ErrorFeedback, add_stochastic_, k_for, subtract_sent_
 from ..delta import SparseDelta
 from ..exchange.paths import PATHS, SWITCH_POLICIES
 from ..exchange.pipeline import FlatLayout, SparseExchange
@@ -84,18 +85,6 @@ from ..track.comm import CommTracker
 IMPORTANCE = ("magnitude", "ema_grad", "impact", "random")
 BUDGETS = ("global", "per_tensor")
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # residual and importance buffers
-
-
-def add_stochastic_(dst: torch.Tensor, src: torch.Tensor, generator: torch.Generator) -> None:
-    """dst (bf16) += src (fp32), rounded stochastically: the fp32 sum rounds up in magnitude with
-    probability (its distance to the bf16 below) / (one bf16 step), so E[dst] is the exact sum. Done
-    on the bits: add 16 random low bits to the fp32 pattern, then cut them (sign-magnitude: works
-    for both signs)."""
-    x = dst.float().add_(src)
-    bits = x.view(torch.int32)
-    bits.add_(torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device))
-    bits.bitwise_and_(-65536)  # ~0xFFFF: the fp32 value is now exactly a bf16 value (inf and nan stay so)
-    dst.copy_(x)
 
 
 class ASPG(Optimizer):
@@ -127,6 +116,9 @@ class ASPG(Optimizer):
             raise ValueError(f"switch must be one of {SWITCH_POLICIES}, got {switch!r}")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)} (residual and importance), got {state_dtype!r}")
+        if state_dtype == "bf16" and ema_beta > 0.99:  # bf16 has 8 significant bits: x * beta rounds back to x
+            raise ValueError(f"state_dtype='bf16' keeps the importance EMA in bf16, where ema_beta={ema_beta} > 0.99 "
+                             "freezes it (score x beta rounds back to score); use fp32 state or a smaller ema_beta")
         paths = tuple(p for p in paths if dense_fallback or p != "dense")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.options = dict(density=density, warmup_steps=warmup_steps, adaptive_epsilon=adaptive_epsilon,
@@ -168,9 +160,11 @@ class ASPG(Optimizer):
         self.ef = ErrorFeedback(sdt)
         self.ef.residuals["flat"] = torch.zeros(self.numel, dtype=sdt, device=device)
         self._score = torch.zeros(self.numel, dtype=sdt, device=device) if importance in ("ema_grad", "impact") else None
-        # bf16 state: the generator of the stochastic rounding of residual updates (replicas need not agree: the
-        # residual is worker-local; a checkpoint keeps it, so a resume rounds the same way)
-        self._round_gen = torch.Generator(device=device).manual_seed(seed + 2) if sdt != torch.float32 else None
+        # bf16 state: the generator of the stochastic rounding of residual updates, one stream per rank (the
+        # residual is worker-local; correlated rounding would not average out in the mean); checkpointed
+        rank = getattr(self.transport, "rank", 0)
+        self._round_gen = (torch.Generator(device=device).manual_seed(seed + 2 + 1_000_003 * rank)
+                           if sdt != torch.float32 else None)
         self._rank_buf: torch.Tensor | None = None  # |residual x score|, reused every exchange
         self._residual_views = self.layout.views(self.ef.residuals["flat"])
         self._score_views = self.layout.views(self._score) if self._score is not None else None
@@ -198,10 +192,11 @@ class ASPG(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("aspg")
-        if extra["options"] != self.options:
+        if {"state_dtype": "fp32", **extra["options"]} != self.options:  # checkpoints from before state_dtype: fp32
             raise ValueError(f"checkpoint was made with ASPG options {extra['options']}, this optimizer has {self.options}")
         super().load_state_dict(state_dict)
-        # fp32 buffers travel outside the per-parameter state: torch would cast them to bf16 there
+        # residual, importance (fp32 or bf16 state) and fp32 masters travel outside the per-parameter state:
+        # torch would cast them to the parameter dtype there
         self.ef.residuals["flat"].copy_(extra["residual"])
         if self._score is not None:
             self._score.copy_(extra["score"])
@@ -303,10 +298,9 @@ class ASPG(Optimizer):
             if self._round_gen is None:
                 torch._foreach_addcdiv_(res, m1, denom, scale)
             else:  # bf16 state: the update in fp32, added with stochastic rounding (module docstring)
-                upd = torch._foreach_div(m1, denom)
-                torch._foreach_mul_(upd, scale)
-                for r, u in zip(res, upd):
-                    add_stochastic_(r, u, self._round_gen)
+                for m, d, r, sc in zip(m1, denom, res, scale):  # into denom: no second model-sized fp32 buffer
+                    torch.div(m, d, out=d).mul_(sc)
+                    add_stochastic_(r, d, self._round_gen)
             if self._score_views is not None:
                 score = [self._score_views[index[id(p)]] for p in ps]
                 sdt = self._score.dtype  # the EMA in the state dtype (fp32 EMA of bf16 grads too)
@@ -336,7 +330,7 @@ class ASPG(Optimizer):
             return o["density"]
         flat = self.ef.residuals["flat"]
         m = min(flat.numel(), 65536)
-        sample = flat[torch.randint(flat.numel(), (m,), generator=self._sample_gen).to(flat.device)].abs()
+        sample = flat[torch.randint(flat.numel(), (m,), generator=self._sample_gen).to(flat.device)].float().abs()
         mass = torch.sort(sample, descending=True).values.cumsum(0)
         need = (1 - o["adaptive_epsilon"]) * float(mass[-1]) if m else 0.0
         frac = (int(torch.searchsorted(mass, torch.tensor([need], device=mass.device))[0]) + 1) / max(m, 1)
@@ -380,7 +374,7 @@ class ASPG(Optimizer):
             d = selector.select(view, k_for(p.numel(), pd), score)
             parts_i.append(d.indices + off)
             parts_v.append(d.values)
-        return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), torch.float32)
+        return SparseDelta(torch.cat(parts_i), torch.cat(parts_v), (self.numel,), flat.dtype)
 
     def _ranking(self, residual: torch.Tensor, score: torch.Tensor | None, own_buffer: bool = False) -> torch.Tensor | None:
         """What top-k ranks by: |residual| (None), the EMA of |grad|, or the first-order loss change

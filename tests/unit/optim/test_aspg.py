@@ -353,10 +353,15 @@ def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_everything
         rn.add_(step.bfloat16())
     assert torch.equal(rn, torch.ones_like(rn))
     assert abs(float(sr.float().mean()) - 2.0) < 0.02
-    # already-representable sums are exact, negative values round symmetrically, inf stays inf
-    x = torch.tensor([1.0, -1.0, -3.0, float("inf")], dtype=torch.bfloat16)
-    add_stochastic_(x, torch.tensor([0.5, -0.5, 1.0, 1.0]), gen)
-    assert x.tolist() == [1.5, -1.5, -2.0, float("inf")]
+    neg = -torch.ones(4096, dtype=torch.bfloat16)  # negative values: the same, mirrored
+    for _ in range(1000):
+        add_stochastic_(neg, -step, gen)
+    assert abs(float(neg.float().mean()) + 2.0) < 0.02
+    # already-representable sums are exact; inf and nan (even an all-ones mantissa) stay so
+    x = torch.tensor([1.0, -1.0, -3.0, float("inf"), 0.0], dtype=torch.bfloat16)
+    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    add_stochastic_(x, torch.cat([torch.tensor([0.5, -0.5, 1.0, 1.0]), nan]), gen)
+    assert x[:4].tolist() == [1.5, -1.5, -2.0, float("inf")] and bool(x[4].isnan())
 
 
 @pytest.mark.parametrize("importance", ["impact", "ema_grad", "magnitude"])
@@ -393,6 +398,35 @@ def test_bf16_state_loses_nothing_on_average():
     assert abs(float(err.mean())) < 6e-4
 
 
+def test_bf16_state_per_tensor_budget_and_adaptive_density():
+    """The per-tensor budget's delta carries the residual's dtype (bf16), and adaptive density samples in fp32."""
+    m = model()
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.05, budget="per_tensor", state_dtype="bf16")
+    train(m, opt, batches(3))
+    assert opt.last_metrics["comm/k"] == sum(max(1, round(0.05 * p.numel())) for p in m.parameters())
+    m = model()
+    opt = ASPG(m.parameters(), lr=1e-2, adaptive_epsilon=0.1, state_dtype="bf16")
+    train(m, opt, batches(3))
+    assert 1e-4 <= opt.last_metrics["comm/density"] <= 0.25
+
+
+def test_split_flush_into_a_bf16_residual_is_unbiased():
+    """An owner residual handed back into a bf16 worker residual (path switch, rebalance): stochastically
+    rounded, so 1e-3 added to 1.0 (below half an ulp: round-to-nearest would keep 1.0) arrives on average."""
+    from sparsecomm.exchange.split import SplitAllReduce
+
+    split = SplitAllReduce(8192, 2, 0)
+    split.acc = torch.full((4096,), 1e-3)
+    e = torch.ones(8192, dtype=torch.bfloat16)
+    split.flush_(e)
+    assert abs(float(e[:4096].float().mean()) - 1.001) < 3e-4 and torch.equal(e[4096:], torch.ones(4096, dtype=torch.bfloat16))
+    assert not split.acc.any()
+    state = split.state_dict()  # the rounding stream resumes with the rest
+    again = SplitAllReduce(8192, 2, 0)
+    again.load_state_dict(state)
+    assert torch.equal(again.round_gen.get_state(), split.round_gen.get_state())
+
+
 def test_bf16_state_resume_is_bit_exact_and_options_are_checked():
     data = batches(8)
     m1 = model()
@@ -412,3 +446,16 @@ def test_bf16_state_resume_is_bit_exact_and_options_are_checked():
         ASPG(model().parameters(), lr=1e-2, density=0.05).load_state_dict(ckpt["opt"])
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         ASPG(model().parameters(), state_dtype="fp16")
+    with pytest.raises(ValueError, match="ema_beta=0.999 > 0.99 freezes it"):
+        ASPG(model().parameters(), state_dtype="bf16", ema_beta=0.999)
+
+
+def test_checkpoint_from_before_state_dtype_loads_as_fp32():
+    m = model()
+    opt = ASPG(m.parameters(), lr=1e-2, density=0.05)
+    train(m, opt, batches(2))
+    sd = opt.state_dict()
+    del sd["aspg"]["options"]["state_dtype"]  # what an older ASPG wrote
+    ASPG(model().parameters(), lr=1e-2, density=0.05).load_state_dict(sd)
+    with pytest.raises(ValueError, match="ASPG options"):
+        ASPG(model().parameters(), lr=1e-2, density=0.05, state_dtype="bf16").load_state_dict(sd)

@@ -79,23 +79,30 @@ class PathChooser:
     volume    `choose_path`: bytes alone. Deterministic, so runs and resumes are reproducible.
     measured  bytes first (dense whenever it also moves fewer bytes), then wall-clock: every
               candidate is timed once, the fastest is used, and the others are re-probed in turn
-              every `probe_every` exchanges. Decisions depend on timings: not bit-reproducible
-              across runs. Every path is a valid exchange, so probing changes speed, not results.
+              every `probe_every` exchanges. The volume rule's own candidate (fewest bytes) is kept
+              unless another is faster by more than `tolerance` (10%): timings on a shared machine
+              jitter by that much, and between near-equal candidates the one that moves fewer bytes
+              is the better bet (results/ddp.md, before this rule: at 100 Mbit/s noisy probes picked
+              raw indices for some DDP buckets, 1.2-1.3x the bytes, and the step was slower than with
+              the volume rule).
+              Decisions depend on timings: not bit-reproducible across runs. Every path is a valid
+              exchange, so probing changes speed, not results.
     Candidates are path names, optionally "path:index_codec" (e.g. "split:raw", "split:auto").
     """
 
     def __init__(self, policy: str = "volume", candidates=PATHS, margin: float = 1.0, probe_every: int = 50,
-                 ema: float = 0.5, index_codec: str = "auto", exact: bool = False, owner_share: float = OWNER_SHARE):
+                 ema: float = 0.5, index_codec: str = "auto", exact: bool = False, owner_share: float = OWNER_SHARE,
+                 tolerance: float = 0.1):
         if policy not in SWITCH_POLICIES:
             raise ValueError(f"switch policy must be one of {SWITCH_POLICIES}, got {policy!r}")
-        if probe_every < 2 or margin <= 0 or not 0 < ema <= 1:
-            raise ValueError("need probe_every >= 2, margin > 0, 0 < ema <= 1")
+        if probe_every < 2 or margin <= 0 or not 0 < ema <= 1 or tolerance < 0:
+            raise ValueError("need probe_every >= 2, margin > 0, 0 < ema <= 1, tolerance >= 0")
         candidates = tuple(candidates)
         bad = [c for c in candidates if c.split(":")[0] not in PATHS]
         if not candidates or bad:
             raise ValueError(f"path candidates must be among {PATHS} (optionally 'path:codec'), got {list(candidates)}")
         self.policy, self.candidates, self.margin, self.probe_every, self.ema = policy, candidates, margin, probe_every, ema
-        self.index_codec, self.exact, self.owner_share = index_codec, exact, owner_share
+        self.index_codec, self.exact, self.owner_share, self.tolerance = index_codec, exact, owner_share, tolerance
         self.time_s: dict[str, float] = {}
         self.decisions = 0
 
@@ -110,7 +117,13 @@ class PathChooser:
         for c in timed:
             if c not in self.time_s:
                 return c  # probe each candidate once
-        best = min(timed, key=lambda c: self.time_s[c] * (self.margin if c == "dense" else 1.0))
+        def cost(c: str) -> float:
+            return self.time_s[c] * (self.margin if c == "dense" else 1.0)
+
+        best = min(timed, key=cost)
+        fewest = next((c for c in (f"{by_volume}:{self.index_codec}", by_volume) if c in timed), None)
+        if fewest is not None and cost(fewest) <= (1 + self.tolerance) * cost(best):
+            best = fewest  # near-equal in time: the fewest bytes
         if self.decisions % self.probe_every == 0:
             others = [c for c in timed if c != best]
             if others:

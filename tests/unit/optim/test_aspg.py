@@ -221,6 +221,22 @@ def test_measured_switch_probes_every_candidate_then_takes_the_fastest():
         PathChooser(candidates=("dense", "gossip"))
 
 
+def test_measured_switch_keeps_the_fewest_bytes_unless_another_is_clearly_faster():
+    """Candidates "path:codec": the volume rule's own (split with entropy-coded indices) stays when raw indices
+    are faster by less than the 10% tolerance, and yields when they are faster by more."""
+    from sparsecomm.exchange import PathChooser
+
+    n, k = 10_000_000, 100_000
+    for raw_s, expect in ((0.95, "split:auto"), (0.85, "split:raw")):
+        c = PathChooser("measured", candidates=("dense", "split:raw", "split:auto"), probe_every=100, ema=1.0)
+        for cand, s in (("dense", 5.0), ("split:raw", raw_s), ("split:auto", 1.0)):
+            assert c.choose(n, k, 4, 2) == cand
+            c.observe(cand, s)
+        assert c.choose(n, k, 4, 2) == expect
+    with pytest.raises(ValueError, match="tolerance >= 0"):
+        PathChooser("measured", tolerance=-0.1)
+
+
 def test_measured_switch_state_round_trips():
     p = nn.Parameter(torch.zeros(1000))
     o = ASPG([p], density=0.1, switch="measured")

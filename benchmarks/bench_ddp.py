@@ -88,7 +88,7 @@ def render(rows: list[dict]) -> tuple[str, list]:
           "(benchmarks/ddp_worker.py), SGD lr 0.02 on the squared error summed over outputs, per-rank batch 32, same "
           "seeds for every hook; `sparse` = the hook's defaults (volume rule: split path with owner_share 1, "
           "Rice indices, error feedback fused into the selection pass), "
-          "`sparse-measured` = switch=\"measured\" (times paths and raw vs Rice indices, keeps the fastest). Step s: median over "
+          "`sparse-measured` = switch=\"measured\" (times paths and raw vs Rice indices, keeps the fastest unless the volume rule's candidate is within 10% of it). Step s: median over "
           "steps 3.. of the slowest rank's forward + backward + communication + SGD step; CPU s: the slowest rank's "
           "process CPU seconds per step (4 ranks share 2 cores: CPU above ~0.5 x wall means the cores, not the link, "
           "bound the step). MB/step: bytes each worker sends (sparse: counted from its buffers; PowerSGD: its P/Q "

@@ -10,7 +10,8 @@ Hooks: `default` (DDP's all-reduce), `powersgd` (torch's powerSGD_hook, rank 1, 
 warm start, one bucket: it breaks on gloo with several), `sparse` (sparsecomm's hook at 1% with its
 defaults: threshold-reuse top-k, the volume rule's path - split at P=4 - and index codec - Rice -,
 overlap with backward), `sparse-measured` (the same with `switch="measured"`: it times the paths
-and raw vs Rice indices and keeps the fastest). Per step: wall time
+and raw vs Rice indices and keeps the fastest, or the fewest-bytes candidate when it is within
+10%). Per step: wall time
 (max over ranks), this process's CPU seconds, bytes sent; every `eval_every` steps the loss on a
 fixed held-out batch (time excluded). Rows go to --out (rank 0).
 """

@@ -66,8 +66,9 @@ def render(data: dict) -> str:
           "x = reduction against a ring all-reduce of the same parameters (fp32; bf16 is half the fp32 volume). "
           "All P ranks share this machine's 2 cores: CPU s per rank, not wall-clock, is the cost figure.\n\n",
           "The all-gather path applies every worker's k entries, so its aggregate touches up to min(1, P x density) of the "
-          "model; the split path (picked by volume from P = 3 on) re-sparsifies each owner's summed shard to k/P, so its "
-          "aggregate stays near the density whatever P is (the rest waits in the owners' residuals).\n\n",
+          "model; the split path (picked by the volume rule from P = 4 at these sizes, except 0.1% at P = 4, where the "
+          "all-gather's fewer messages weigh more) re-sparsifies each owner's summed shard to owner_share x k/P (ASPG's "
+          "default 2), so its aggregate stays near 2 x density whatever P is (the rest waits in the owners' residuals).\n\n",
           table(["P", "method", "union density", "all-gather bound min(1, P x density)", "bytes/worker", "x vs fp32 dense", "x vs bf16 dense",
                  "paths (steps)", "reward (last quarter)", "held-out acc.", "CPU s/rank"],
                 [[r["P"], r["method"], f"{r['union_density']:.4f}",

@@ -169,6 +169,8 @@ def evaluate(a) -> int:
     name = a.name or ("heldout_pilot" if a.pilot else "heldout")
     if a.render:
         data = json.loads((RESULTS / f"{name}.json").read_text())
+        data["rows"] = summarize(data)  # the statistics again, from the runs
+        (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
         md = render(data)
         head = (RESULTS / f"{name}.md").read_text().split("\n\n", 2)
         (RESULTS / f"{name}.md").write_text("\n\n".join(head[:2]) + "\n\n" + md)
@@ -218,11 +220,13 @@ def summarize(data: dict) -> list[dict]:
     seeds = data["seeds"]
     ref = [acc["dense"].get(s, float("nan")) for s in seeds]
     rows = []
+    # every method against dense's ring all-reduce of the whole model (a run's own dense_fp32_bytes counts only
+    # its trainable parameters: LoRA's adapters would compare with themselves)
+    fp32 = statistics.mean(r["dense_fp32_bytes"] for r in runs if r["method"] == "dense")
     for m in data["methods"]:
         rs = [r for r in runs if r["method"] == m]
         xs = [acc[m].get(s, float("nan")) for s in seeds]
         sent = statistics.mean(r["sent_bytes"] for r in rs)
-        fp32 = statistics.mean(r["dense_fp32_bytes"] for r in rs)
         row = {"method": m, "n": len(rs), "heldout_mean": statistics.mean(r["heldout_accuracy"] for r in rs),
                "heldout_sd": statistics.stdev([r["heldout_accuracy"] for r in rs]) if len(rs) > 1 else 0.0,
                "heldout_per_seed": xs, "reward_mean": statistics.mean(r["final_reward"] for r in rs),
@@ -249,8 +253,8 @@ def render(data: dict) -> str:
     md = [head, f"Task `{data['task']}` (`{job}`), 2 workers, seeds {data['seeds']}; outcome: "
           "greedy exact-match accuracy on 500 distinct held-out prompts after RL. Difference = method - dense paired by "
           f"seed; margin {margin:+g} (fixed in heldout_plan.md before the run). Bytes: what each worker sent in the RL "
-          "phase (encoded buffers; DDP: ring all-reduce volume; PowerSGD: formula) vs a ring all-reduce of the same "
-          "parameters in fp32 and in bf16.\n\n",
+          "phase (encoded buffers; DDP: ring all-reduce volume; PowerSGD: formula) vs dense's ring all-reduce of the "
+          "whole model in fp32 and in bf16 (LoRA sends only its adapters).\n\n",
           table(["method", "LR", "held-out acc. (mean +- sd)", "method - dense [95% paired t CI]", "one-sided lower 95%",
                  "p (one-sided vs margin)", "d_z", "verdict", "bytes/worker", "x vs fp32 dense", "x vs bf16 dense"],
                 [[r["method"], f"{r['lr']:g}" if r.get("lr") else "", f"{r['heldout_mean']:.3f} +- {r['heldout_sd']:.3f}",

@@ -25,8 +25,43 @@ import atexit
 import os
 import signal
 import subprocess
+import time
 import uuid
 from typing import Sequence
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time in clock ticks) of a live process, from /proc/PID/stat; None if gone."""
+    try:
+        raw = open(f"/proc/{pid}/stat", "rb").read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": comm may hold spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z" and st[2] == start
+
+
+def _process_tree(root: int) -> list[tuple[int, int]]:
+    """(pid, start time) of `root` and every live descendant."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = _stat(int(d))
+            if st is not None:
+                children.setdefault(st[1], []).append(int(d))
+                starts[int(d)] = st[2]
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in starts:
+            out.append((pid, starts[pid]))
+        todo.extend(children.get(pid, ()))
+    return out
 
 
 def can_create_namespaces() -> tuple[bool, str]:
@@ -135,8 +170,14 @@ class EmulatedCluster:
         self._old_handlers.clear()
         atexit.unregister(self.down)
 
-    def stop_processes(self) -> None:
-        """End the processes started with popen() (their process groups, by pid): TERM, then KILL after 10 s."""
+    def stop_processes(self, timeout_s: float = 10.0) -> None:
+        """End the processes started with popen() and everything they started, by pid: TERM to their
+        process groups, KILL after `timeout_s`, then KILL whatever of their process trees is left.
+        The trees matter: torchrun starts each worker in a session of its own, so a torchrun that
+        does not finish its own shutdown in time (a loaded machine) would otherwise leave its
+        workers running in a deleted namespace. Descendants are recorded (pid and start time, so a
+        reused pid is never touched) before any signal, while torchrun is still their parent."""
+        trees = [t for p in self.procs if p.poll() is None for t in _process_tree(p.pid)]
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -145,13 +186,23 @@ class EmulatedCluster:
                     pass
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 p.wait()
+        left = [(pid, start) for pid, start in trees if _alive(pid, start)]
+        for pid, _ in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for _ in range(100):  # orphans are reaped by init, not by us: bounded wait until they are gone
+            if not any(_alive(pid, start) for pid, start in left):
+                break
+            time.sleep(0.05)
         self.procs.clear()
 
     def __enter__(self) -> "EmulatedCluster":

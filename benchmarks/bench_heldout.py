@@ -293,9 +293,9 @@ def plot(data: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in data["rows"]:
-        ax.errorbar(max(r["sent_bytes"], 1), r["heldout_mean"], yerr=r["heldout_sd"], fmt="o", capsize=3)
+        line = ax.errorbar(max(r["sent_bytes"], 1), r["heldout_mean"], yerr=r["heldout_sd"], fmt="o", capsize=3)[0]
         ax.annotate(r["method"], (max(r["sent_bytes"], 1), r["heldout_mean"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+                    textcoords="offset points", color=line.get_color())  # the label in its point's colour
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per worker in the RL phase (log)")
     ax.set_ylabel("held-out exact-match accuracy (mean +- sd over seeds)")

@@ -45,6 +45,26 @@ def _alive(pid: int, start: int) -> bool:
     return st is not None and st[0] != "Z" and st[2] == start
 
 
+TAG_ENV = "SPARSECOMM_CLUSTER"  # every process popen() starts, and its descendants, carry the cluster's tag
+
+
+def _tagged(tag: str) -> list[tuple[int, int]]:
+    """(pid, start time) of every other live process whose environment carries TAG_ENV=tag."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                env = open(f"/proc/{d}/environ", "rb").read()
+            except OSError:
+                continue
+            if needle in env.split(b"\0"):
+                st = _stat(int(d))
+                if st is not None:
+                    out.append((int(d), st[2]))
+    return out
+
+
 def _process_tree(root: int) -> list[tuple[int, int]]:
     """(pid, start time) of `root` and every live descendant."""
     children: dict[int, list[int]] = {}
@@ -172,11 +192,15 @@ class EmulatedCluster:
 
     def stop_processes(self, timeout_s: float = 10.0) -> None:
         """End the processes started with popen() and everything they started, by pid: TERM to their
-        process groups, KILL after `timeout_s`, then KILL whatever of their process trees is left.
-        The trees matter: torchrun starts each worker in a session of its own, so a torchrun that
-        does not finish its own shutdown in time (a loaded machine) would otherwise leave its
-        workers running in a deleted namespace. Descendants are recorded (pid and start time, so a
-        reused pid is never touched) before any signal, while torchrun is still their parent."""
+        process groups, KILL after `timeout_s`, then KILL whatever descends from them and is left.
+
+        The descendants matter: torchrun starts each worker in a session of its own, so a group kill
+        misses workers that torchrun did not end itself (its shutdown past the deadline on a loaded
+        machine, or a TERM that lands while it is still starting them: it exits before it knows
+        them). Two records find them: the process trees (pid and start time, so a reused pid is
+        never touched) taken before any signal, and the cluster's tag in the environment that
+        popen() gives every process it starts and that their children inherit
+        (SPARSECOMM_CLUSTER=<tag>), which also finds a worker spawned after the snapshot."""
         trees = [t for p in self.procs if p.poll() is None for t in _process_tree(p.pid)]
         for p in self.procs:
             if p.poll() is None:
@@ -194,16 +218,25 @@ class EmulatedCluster:
                     pass
                 p.wait()
         left = [(pid, start) for pid, start in trees if _alive(pid, start)]
-        for pid, _ in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for _ in range(100):  # orphans are reaped by init, not by us: bounded wait until they are gone
-            if not any(_alive(pid, start) for pid, start in left):
+        for _ in range(3):  # a dying worker may still start a child: sweep until nothing tagged is left
+            left += [t for t in _tagged(self.tag) if t not in left]
+            alive = [(pid, start) for pid, start in left if _alive(pid, start)]
+            if not alive:
                 break
-            time.sleep(0.05)
+            for pid, _ in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for _ in range(100):  # orphans are reaped by init, not by us: bounded wait until they are gone
+                if not any(_alive(pid, start) for pid, start in alive):
+                    break
+                time.sleep(0.05)
         self.procs.clear()
+
+    def process_env(self, env: dict | None = None) -> dict[str, str]:
+        """The environment popen() starts processes with: ours, `env`, and this cluster's tag."""
+        return {**os.environ, **(env or {}), TAG_ENV: self.tag}
 
     def __enter__(self) -> "EmulatedCluster":
         return self.up()
@@ -214,8 +247,8 @@ class EmulatedCluster:
     # ------------------------------------------------------------------ running things
     def popen(self, host: int, cmd: Sequence[str], env: dict | None = None, **kw) -> subprocess.Popen:
         """Start `cmd` inside host `host`'s namespace, in its own process group (so down() ends it)."""
-        full_env = {**os.environ, **(env or {})}
-        p = subprocess.Popen(["ip", "netns", "exec", self.hosts[host], *cmd], env=full_env, start_new_session=True, **kw)
+        p = subprocess.Popen(["ip", "netns", "exec", self.hosts[host], *cmd], env=self.process_env(env),
+                             start_new_session=True, **kw)
         self.procs.append(p)
         return p
 

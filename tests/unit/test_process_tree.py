@@ -36,3 +36,32 @@ def test_stop_processes_ends_a_worker_in_its_own_session():
             if _stat(pid) is not None and _stat(pid)[0] != "Z":
                 subprocess.run(["kill", "-9", str(pid)])
         parent.wait(timeout=10)
+
+
+LATE = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(0.5)  # still starting its worker when the TERM comes (torchrun's race)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(child.pid, flush=True)
+"""
+
+
+def test_stop_processes_ends_a_worker_started_after_the_snapshot():
+    """A parent that starts its worker (own session) after stop_processes looked at its tree, then exits
+    without ending it: the worker inherited the cluster's tag in its environment, and that finds it."""
+    cluster = EmulatedCluster(1)
+    parent = subprocess.Popen([sys.executable, "-c", LATE], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                              env=cluster.process_env())
+    cluster.procs.append(parent)
+    child = None
+    try:
+        assert parent.stdout.readline().strip() == "ready"  # its TERM handler is in place
+        cluster.stop_processes(timeout_s=5)
+        child = int(parent.stdout.readline())
+        assert parent.poll() is not None
+        assert _stat(child) is None or _stat(child)[0] == "Z"  # gone (the tree snapshot never saw it)
+    finally:
+        if child is not None and _stat(child) is not None and _stat(child)[0] != "Z":
+            subprocess.run(["kill", "-9", str(child)])

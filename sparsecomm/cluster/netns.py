@@ -11,7 +11,8 @@ This kernel has no netem: no delay or loss emulation, only rate.
 
 Only addresses inside these namespaces are used; everything created is removed by `down()`,
 which `with EmulatedCluster(...)`, atexit and SIGINT/SIGTERM all call, and processes started
-with `popen()` are ended by their pid first.
+with `popen()`, and what they started (torchrun's workers run in sessions of their own), are
+ended by their pid first (`stop_processes`).
 
 Running torchrun across namespaces: every namespace resolves the
 hostname to 127.0.0.1, so set GLOO_SOCKET_IFNAME=eth0 and, with c10d rendezvous,

@@ -274,7 +274,7 @@ class SparseFSDPState:
         for key, states in mine["selectors"].items():
             self.selectors[key] = [self._selector(len(self.selectors) * len(states) + j) for j in range(len(states))]
             for sel, s in zip(self.selectors[key], states):
-                loadselector_state(sel, s)
+                load_selector_state(sel, s)
 
     def load_checkpoint(self, checkpoint_id, key: str = "sparsecomm") -> bool:
         """Load this state from a torch.distributed.checkpoint directory saved with

@@ -261,7 +261,45 @@ def reduce_scatter(rank):
         out["corrupt"] = f"{type(err).__name__}: {err}"
     tr.all_to_all_bytes = real
     state.close()
+    out["resume"] = _reduce_scatter_resume(rank, mesh)
     return out
+
+
+def _local_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return {k: v.to_local().clone() if hasattr(v, "to_local") else v.clone() for k, v in get_model_state_dict(model).items()}
+
+
+def _load_local_state(model, saved: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    msd = get_model_state_dict(model)
+    for k, v in msd.items():  # the saved local shards into the fresh model's sharded state dict
+        (v.to_local() if hasattr(v, "to_local") else v).copy_(saved[k])
+    set_model_state_dict(model, msd)
+
+
+def _reduce_scatter_resume(rank, mesh) -> dict:
+    """The 1-D sparse reduce-scatter at 5%: 2 steps, its state_dict (residuals, selectors) and the model's
+    local shards saved, 2 more steps; a fresh model and state loaded from them run the same 2 steps."""
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1)  # stateless: the sparse state and the weights are all
+
+    model = make_model(mesh)
+    state = install_sparse_reduce_scatter(model, density=0.05)
+    opt = train(model, rank, 2, opt=sgd(model))
+    saved_model, saved_state = _local_state(model), state.state_dict()
+    train(model, rank, 2, first_step=2, opt=opt)
+    reference = full(model)
+    state.close()
+    resumed = make_model(mesh)
+    rstate = install_sparse_reduce_scatter(resumed, density=0.05)
+    _load_local_state(resumed, saved_model)
+    rstate.load_state_dict(saved_state)
+    train(resumed, rank, 2, first_step=2, opt=sgd(resumed))
+    rstate.close()
+    return {"reference": reference, "resumed": full(resumed), "selectors": len(rstate.selectors)}
 
 
 def sharded_aspg(rank):
@@ -294,16 +332,13 @@ def _sharded_aspg_resume(rank, mesh) -> dict:
     restored, and the optimizer still updating the loaded shards in place)."""
     import io
 
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     from sparsecomm.integrations.fsdp import ShardedASPG
 
     kwargs = dict(lr=1e-2, density=0.01, paths=("split",), rebalance_every=3)  # rebalances after the resume
     model = make_model(mesh["shard"])
     opt = ShardedASPG(model, mesh, **kwargs)
     train(model, rank, 2, opt=opt)
-    saved_model = {k: v.to_local().clone() if hasattr(v, "to_local") else v.clone()
-                   for k, v in get_model_state_dict(model).items()}
+    saved_model = _local_state(model)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     train(model, rank, 2, first_step=2, opt=opt)
@@ -311,10 +346,7 @@ def _sharded_aspg_resume(rank, mesh) -> dict:
 
     resumed = make_model(mesh["shard"])
     ropt = ShardedASPG(resumed, mesh, **kwargs)
-    msd = get_model_state_dict(resumed)
-    for k, v in msd.items():  # the saved local shards into the fresh model's sharded state dict
-        (v.to_local() if hasattr(v, "to_local") else v).copy_(saved_model[k])
-    set_model_state_dict(resumed, msd)
+    _load_local_state(resumed, saved_model)
     buf.seek(0)
     ropt.load_state_dict(torch.load(buf, weights_only=False))
     train(resumed, rank, 2, first_step=2, opt=ropt)

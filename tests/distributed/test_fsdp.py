@@ -74,6 +74,8 @@ def test_custom_reduce_scatter(results):
         assert rs["metrics"]["comm/sent_bytes"] * 10 < rs["metrics"]["comm/dense_equiv_bytes"] / 2
         # rank 3 sent corrupt pieces: every rank (rank 3 too) raised the owners' CodecError, nobody hung
         assert "CodecError" in rs["corrupt"] or "refused a piece" in rs["corrupt"], rs["corrupt"]
+        # resume: residuals and the selectors' generators and thresholds restored, the same bits after 2 steps
+        assert rs["resume"]["selectors"] > 0 and equal(rs["resume"]["resumed"], rs["resume"]["reference"])
 
 
 def test_checkpoint_resume_is_bit_exact(results):

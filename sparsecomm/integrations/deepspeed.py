@@ -332,7 +332,7 @@ class SparseParamGather:
                 # rounding has nothing to send, however large that rounding error (it would starve small entries)
                 moved = new.float() - held.view(-1).float()  # (n,) fp32: what the other ranks do not have yet
                 sel = self.selectors[i].select(moved, k_for(n, self.density))
-                d = SparseDelta(sel.indices, new[sel.indices].clone(), (n,), own.dtype)
+                d = SparseDelta(sel.indices, new[sel.indices], (n,), own.dtype)  # a copy: own is rewritten below
             with c.phase("param_encode"):
                 payload = encode(d, self.index_codec, codec)
             with c.phase("param_transfer"):

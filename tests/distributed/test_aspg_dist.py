@@ -38,10 +38,10 @@ def train_steps(model, opt, rank, steps, start=0):
 
 
 def _replicas(rank, ws, density, steps, value_codec="bf16", paths=("dense", "allgather", "split"), state_dtype="fp32",
-              warmup_steps=0):
+              warmup_steps=0, switch: dict | None = None):
     model = make_model()
     opt = ASPG(model.parameters(), lr=1e-3, density=density, value_codec=value_codec, paths=paths,
-               transport=TorchDistTransport(), state_dtype=state_dtype, warmup_steps=warmup_steps)
+               transport=TorchDistTransport(), state_dtype=state_dtype, warmup_steps=warmup_steps, **(switch or {}))
     paths = train_steps(model, opt, rank, steps)
     return {"params": [p.detach().clone() for p in model.parameters()], "paths": paths,
             "replicated": (opt.steps, opt.version),
@@ -76,6 +76,18 @@ def test_bf16_state_replicas_stay_bit_identical(tmp_path, path):
         for a, b in zip(res[0]["params"], r["params"]):
             assert torch.equal(a, b)
     assert not torch.equal(res[0]["params"][0], make_model()[0].weight)
+
+
+def test_measured_switch_keeps_replicas_bit_identical(tmp_path):
+    """switch="measured" decides from timings (the max over ranks, so every rank decides alike): 3 ranks, every
+    candidate path and index codec probed (re-probed every 2 exchanges), replicas identical after each path."""
+    res = run_workers(_replicas, 3, tmp_path, 0.05, 10, "bf16", ("dense", "allgather", "split"), "fp32", 0,
+                      {"switch": "measured", "probe_every": 2})
+    assert len(set(res[0]["paths"])) >= 2  # the switch really moved between paths
+    for r in res[1:]:
+        assert r["paths"] == res[0]["paths"]
+        for a, b in zip(res[0]["params"], r["params"]):
+            assert torch.equal(a, b)
 
 
 def test_automatic_switch_to_dense(tmp_path):

@@ -48,28 +48,38 @@ def test_density_one_equals_default_allreduce(tmp_path):
         assert metrics["comm/path"] == "dense"
 
 
-def _sparse_buckets(rank, ws):
+def _sparse_buckets(rank, ws, steps=5, switch="volume"):
     model = DDP(make_model(), bucket_cap_mb=0.5)
-    state = SparseHookState(density=0.1, value_codec="bf16")
+    state = SparseHookState(density=0.1, value_codec="bf16", switch=switch)
     model.register_comm_hook(state, sparse_topk_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(5):
+    for step in range(steps):
         grads = grads_after_backward(model, rank, step)
         opt.step()
     restored = pickle.loads(pickle.dumps(state))
     return ([p.detach().clone() for p in model.parameters()], grads, len(state.ef.residuals), state.iteration,
-            state.last_metrics, restored.iteration, restored.process_group, sorted(restored.ef.residuals))
+            state.last_metrics, restored.iteration, restored.process_group, sorted(restored.ef.residuals),
+            max(len(st["chooser"].time_s) for st in state.exchange.keys.values()))
 
 
 def test_sparse_hook_with_several_buckets_keeps_replicas_identical(tmp_path):
     res = run_workers(_sparse_buckets, 2, tmp_path)
     for r in res:
-        params, grads, n_buckets, iteration, metrics, r_iter, r_group, r_keys = r
+        params, grads, n_buckets, iteration, metrics, r_iter, r_group, r_keys, _ = r
         assert n_buckets >= 2 and iteration == 5 and r_iter == 5 and r_group is None and len(r_keys) == n_buckets
         assert metrics["comm/path"] == "allgather" and metrics["comm/sent_bytes"] < metrics["comm/dense_equiv_bytes"]
         density = sum(int(torch.count_nonzero(g)) for g in grads) / sum(g.numel() for g in grads)
         # the union of two workers' selections; the sampled selector sends up to k x (1 + 5%)
         assert 0.1 <= density <= 2 * 0.1 * 1.05 + 0.005
+    for a, b in zip(res[0][0], res[1][0]):
+        assert torch.equal(a, b)
+
+
+def test_measured_switch_with_several_buckets_keeps_replicas_identical(tmp_path):
+    """switch="measured": per bucket every candidate (paths x raw / Rice indices) is timed once, then the fastest
+    taken; every rank decides alike (max-over-ranks timings), so the replicas stay bit-identical."""
+    res = run_workers(_sparse_buckets, 2, tmp_path, 10, "measured")
+    assert all(r[3] == 10 and r[8] >= 3 for r in res)  # the buckets' choosers timed several candidates
     for a, b in zip(res[0][0], res[1][0]):
         assert torch.equal(a, b)
 

@@ -9,7 +9,11 @@ path and then sparsecomm's at --density on the same model (a stack of Linear lay
     ZeRO-1/2 DeepSpeed dense reduction  | compressed reduction (AdamW), DeepSpeed's dense all-gather of
              the updated partitions counted | compressed reduction + sparse partition all-gather
              (`sparse_grad+params`: SparseReduceState(param_density=density), SparseParamGather)
-    ZeRO-3   DeepSpeed dense training + the shard-local rollout sync (bytes per version; memory)
+    ZeRO-3   DeepSpeed dense training + the shard-local rollout sync through a relay coordinator
+             (`Coordinator(relay=True)`, run here in a thread) to a rollout worker (a `RolloutClient`
+             here that joins at version 0): bytes per version from each rank and to the rollout worker,
+             memory per rank, and the rollout copy against the gathered model (bit for bit); patch
+             sizes again at an RL learning rate (3e-6)
 
 Bytes: DeepSpeed's collectives counted per call through deepspeed.comm (ring model of the tensor
 sizes it passed), sparsecomm's from its encoded buffers. Targets (issue 17): >= 50x fewer bytes
@@ -24,12 +28,18 @@ convergence benchmark's noise of our trainer's (here: the same seed, so equal is
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_ranks, table, write_results  # noqa: E402
@@ -40,13 +50,62 @@ TARGET_RATIO = 50.0
 NOISE_REWARD = 0.064  # aspg-1% final reward, std over 5 seeds (benchmarks/results/convergence.md)
 
 
+@contextmanager
+def relay_and_rollout(hidden: int, layers: int):
+    """A relay coordinator (thread) and a rollout worker following it (thread) from version 0; yields
+    (endpoint, what the rollout worker saw: {"versions": [(version, received bytes)], "weights"})."""
+    from sparsecomm.exchange import Coordinator, CoordinatorConfig
+    from sparsecomm.exchange.coordinator.relay import layout_fingerprint
+    from sparsecomm.exchange.zmq_client import RolloutClient
+
+    from deepspeed_worker import model_of
+
+    m = model_of(hidden, layers)
+    fp, numel = layout_fingerprint((n, p.shape) for n, p in m.named_parameters()), sum(p.numel() for p in m.parameters())
+    coord = Coordinator(CoordinatorConfig(bind="tcp://127.0.0.1:0", relay=True, poll_ms=10))
+    serving = threading.Thread(target=coord.serve, daemon=True)
+    serving.start()
+    seen, stop = {"versions": []}, threading.Event()
+    client = RolloutClient(coord.endpoint, "rollout-0", fp, numel, timeout_s=60)
+
+    def follow():
+        client.connect()
+        while not stop.is_set():
+            before = client.conn.recv_bytes
+            if client.poll(0.2):
+                seen["versions"].append((client.version, client.conn.recv_bytes - before))
+        seen["weights"] = client.weights.clone()
+        client.close()
+
+    following = threading.Thread(target=follow, daemon=True)
+    following.start()
+    try:
+        yield coord.endpoint, seen
+    finally:
+        time.sleep(1.0)  # the last version's message is in flight
+        stop.set()
+        following.join(30)
+        coord.stop = True
+        serving.join(30)
+
+
 def run_world(P: int, hidden: int, layers: int, steps: int, density: float, port: int) -> list[dict]:
     out = Path(tempfile.mkdtemp()) / "rows.jsonl"
-    argv = lambda r, master: [sys.executable, str(HERE / "deepspeed_worker.py"), "--rank", str(r), "--world", str(P),  # noqa: E731
-                              "--master", master, "--port", str(port), "--hidden", str(hidden), "--layers", str(layers),
-                              "--steps", str(steps), "--density", str(density), "--out", str(out)]
-    run_ranks("loopback", P, argv, timeout_s=1200)
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    with relay_and_rollout(hidden, layers) as (relay, seen):
+        argv = lambda r, master: [sys.executable, str(HERE / "deepspeed_worker.py"), "--rank", str(r), "--world",  # noqa: E731
+                                  str(P), "--master", master, "--port", str(port), "--hidden", str(hidden), "--layers",
+                                  str(layers), "--steps", str(steps), "--density", str(density), "--relay", relay,
+                                  "--out", str(out)]
+        run_ranks("loopback", P, argv, timeout_s=1200)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in rows:
+        if r["mode"] == "deepspeed_dense" and r["stage"] == 3:  # the relay run: what its rollout worker saw
+            later = [b for v, b in seen["versions"] if v > 1]  # version 1 carries the whole model (the anchor)
+            r["rollout_versions"] = [v for v, _ in seen["versions"]]
+            r["rollout_bytes_per_version"] = sum(later) / max(1, len(later))
+            r["rollout_equals_gathered"] = (hashlib.sha256(seen["weights"].view(torch.int16).numpy().tobytes())
+                                            .hexdigest() == r["gathered_bf16_sha256"])
+    return rows
 
 
 def demo_reward(engine: str, rl_steps: int) -> dict:
@@ -104,20 +163,39 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
                  "ours total", "ratio", "target", "replaced part alone", "step s dense / ours",
                  "CPU s/step per rank (ours)", "loss dense / ours"], body), ""]
     for P in sorted({r["world"] for r in rows}):
-        verdicts.append(f"P={P} ZeRO-3: no compressed training path (its reduce-scatter is not taken over); "
-                        "only the rollout sync below: FAIL (not delivered)")
-    z3 = [[r["world"], f"{r['sync_bytes_per_version']:,.0f}", f"{r['sync_changed_entries_per_version']:,.0f}",
+        z = next((r for r in rows if r["world"] == P and r["stage"] == 3 and r["mode"] == "deepspeed_dense"), {})
+        ops = z.get("ds_bytes_per_step_by_op", {})
+        gathers = ops.get("all_gather_into_tensor", 0.0)
+        ceiling = f"{z['ds_bytes_per_step'] / gathers:.1f}x" if gathers else "?"
+        verdicts.append(f"P={P} ZeRO-3: no compressed training path (its reduce-scatter is not taken over); only the "
+                        f"rollout sync below. Its dense step sends {z.get('ds_bytes_per_step', 0):,.0f} B, of which "
+                        f"{gathers:,.0f} B are ZeRO-3's own parameter all-gathers, so even a "
+                        f"reduce-scatter that sent nothing would be at most {ceiling} fewer bytes (target 50x): FAIL "
+                        "(not delivered; out of reach while parameters are gathered densely)")
+    z3 = [[r["world"], "3e-6" if r["mode"].endswith("lr3e-6") else "1e-3", f"{r['sync_bytes_per_version']:,.0f}",
+           f"{r['sync_changed_entries_per_version']:,.0f}",
+           f"{r['sync_changed_entries_per_version'] / (r['numel'] / r['world']):.1%}",
+           f"{r['rollout_bytes_per_version']:,.0f}" if "rollout_bytes_per_version" in r else "-",
+           {True: "yes", False: "NO"}.get(r.get("rollout_equals_gathered"), "-"),
            f"{r['numel'] * 2:,}", f"{r['sync_held_bytes']:,}", f"{r['sync_peak_temp_bytes']:,}", f"{r['peak_rss_gib']:.2f}"]
-          for r in rows if r["mode"] == "deepspeed_dense" and r["stage"] == 3]
-    md += ["## ZeRO-3 rollout sync (shard-local, no gather)\n",
-           "Per rank and version (a version = one optimizer step; the anchor, version 1, is not in the mean): the "
-           "bytes of its patch (changed bf16 entries of its own partition, per checkpoint tensor), the entries changed, "
-           "the full model's bf16 bytes for comparison, and what the publisher holds: the bf16 copy of the rank's "
-           "partition and the largest per-tensor temporary. Peak RSS is the whole process (DeepSpeed included). "
-           "The model trains with AdamW at lr 1e-3, which moves nearly every weight by more than half a bf16 ulp per "
-           "step, so these patches are nearly dense; at RL learning rates (1e-6..3e-6, DESIGN.md) far fewer bf16 "
-           "entries change - not measured in this run.\n",
-           table(["P", "patch B/version (rank 0)", "changed entries", "full model bf16 B", "held B (partition bf16)",
+          for r in rows if r["stage"] == 3 and r["mode"].startswith("deepspeed_dense")]
+    for r in rows:
+        if r["stage"] == 3 and r["mode"] == "deepspeed_dense" and "rollout_equals_gathered" in r:
+            verdicts.append(f"P={r['world']} ZeRO-3 rollout sync through the relay coordinator: the rollout worker's bf16 "
+                            f"copy after {len(r['rollout_versions'])} versions equals the gathered model bit for bit: "
+                            + ("PASS" if r["rollout_equals_gathered"] else "FAIL"))
+    md += ["## ZeRO-3 rollout sync (shard-local, no gather), through the relay coordinator\n",
+           "Per rank and version (a version = one optimizer step; the anchor, version 1, is not in the means): the "
+           "bytes of its patch (changed bf16 entries of its own partition, per checkpoint tensor) sent to the relay "
+           "coordinator (`sparsecomm coordinator --relay`), the entries changed (and their share of the rank's "
+           "partition), what the rollout worker received per version from the relay (all ranks' changes in one "
+           "message), whether its bf16 copy equals the model gathered at the end, the full model's bf16 bytes for "
+           "comparison, and what the publisher holds: the bf16 copy of the rank's partition and the largest "
+           "per-tensor temporary. Peak RSS is the whole process (DeepSpeed included). At lr 1e-3 AdamW moves nearly "
+           "every weight by more than half a bf16 ulp per step, so those patches are nearly dense; the lr 3e-6 rows "
+           "(an RL learning rate, DESIGN.md) are the same training at that rate (patch sizes only, not relayed).\n",
+           table(["P", "lr", "patch B/version (rank 0)", "changed entries (rank 0)", "of its partition",
+                  "rollout worker B/version", "rollout copy = gathered", "full model bf16 B", "held B (partition bf16)",
                   "peak temporary B", "peak RSS GiB"], z3), ""]
     if demo:
         d = {x["engine"]: x for x in demo}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import hashlib
 import resource
 import time
 
@@ -34,6 +35,7 @@ class CollectiveBytes:
         from deepspeed.comm import comm as dscomm
 
         self.total = 0.0
+        self.by_op: dict[str, float] = {}  # the same, per collective
         cdb = dscomm.cdb
         for name, model in self.RING.items():
             inner = getattr(cdb, name)
@@ -47,7 +49,9 @@ class CollectiveBytes:
             t = kwargs[key] if key in kwargs else args[pos]
             group = kwargs.get("group")
             P = dist.get_world_size(group)
-            self.total += model(t.numel() * t.element_size(), P)
+            n = model(t.numel() * t.element_size(), P)
+            self.total += n
+            self.by_op[name] = self.by_op.get(name, 0.0) + n
             return inner(*args, **kwargs)
 
         return call
@@ -61,22 +65,23 @@ def model_of(hidden: int, layers: int, seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(*mods)
 
 
-def cfg(stage: int, optimizer: bool) -> dict:
+def cfg(stage: int, optimizer: bool, lr: float = 1e-3) -> dict:
     c = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
          "steps_per_print": 10 ** 9, "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000_000},
          "zero_allow_untested_optimizer": True}
     if optimizer:
-        c["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
+        c["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}}
     return c
 
 
 def run_steps(engine, rank: int, hidden: int, steps: int, counter: CollectiveBytes, state=None, pub=None) -> dict:
     """Steps after one warm-up step: DeepSpeed's bytes, sparsecomm's bytes, wall and CPU seconds, per step."""
-    ds_bytes, sc_bytes, wall, cpu, sync, losses = [], [], [], [], [], []
+    ds_bytes, sc_bytes, wall, cpu, sync, losses, by_op = [], [], [], [], [], [], {}
     for s in range(steps + 1):
         g = torch.Generator().manual_seed(1000 * rank + s)
         x, y = torch.randn(8, hidden, generator=g), torch.randn(8, hidden, generator=g)
         b0, t0, c0 = counter.total, time.perf_counter(), time.process_time()
+        ops0 = dict(counter.by_op)
         loss = torch.nn.functional.mse_loss(engine(x), y)
         losses.append(float(loss.detach()))
         engine.backward(loss)
@@ -88,10 +93,12 @@ def run_steps(engine, rank: int, hidden: int, steps: int, counter: CollectiveByt
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         ds_bytes.append(counter.total - b0)
+        for op, n in counter.by_op.items():
+            by_op[op] = by_op.get(op, 0.0) + (n - ops0.get(op, 0.0)) / steps
         sc_bytes.append(float(state.last_metrics.get("comm/sent_bytes", 0)) if state is not None else 0.0)
         if pub is not None:
             sync.append(pub.publish())
-    out = {"ds_bytes_per_step": sum(ds_bytes) / steps, "sparsecomm_bytes_per_step": sum(sc_bytes) / steps,
+    out = {"ds_bytes_per_step": sum(ds_bytes) / steps, "ds_bytes_per_step_by_op": by_op, "sparsecomm_bytes_per_step": sum(sc_bytes) / steps,
            "step_s": sorted(wall)[len(wall) // 2], "cpu_s_per_step": sum(cpu) / steps, "loss_last": losses[-1]}
     if state is not None:
         out["path"] = state.last_metrics.get("comm/path")
@@ -113,6 +120,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--relay", required=True, help="endpoint of the relay coordinator the ZeRO-3 runs publish to")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,9 +151,21 @@ def main() -> None:
 
     for stage in (0, 1, 2, 3):
         dense = sds.initialize(model_of(a.hidden, a.layers), cfg(stage, True), comm="dense")
-        pub = sds.Zero3RolloutPublisher(dense, lambda payload, version, rank: None) if stage == 3 else None
+        # ZeRO-3: each version through the relay coordinator to its rollout worker (the benchmark's process)
+        pub = sds.relay_publisher(dense, a.relay) if stage == 3 else None
         record(stage, "deepspeed_dense", run_steps(dense, a.rank, a.hidden, a.steps, counter, pub=pub))
+        if pub is not None:
+            pub.send.close()
+            with deepspeed.zero.GatheredParameters(list(dense.module.parameters())):  # the reference, after the row
+                ref = torch.cat([p.detach().reshape(-1).to(torch.bfloat16) for p in dense.module.parameters()])
+            rows[-1]["gathered_bf16_sha256"] = hashlib.sha256(ref.view(torch.int16).numpy().tobytes()).hexdigest()
+            del ref
         del dense, pub
+        if stage == 3:  # at an RL learning rate (DESIGN.md: 1e-6..3e-6) far fewer bf16 entries change per step
+            dense = sds.initialize(model_of(a.hidden, a.layers), cfg(3, True, lr=3e-6), comm="dense")
+            pub = sds.Zero3RolloutPublisher(dense, lambda payload, version, rank: None)  # patch sizes only
+            record(3, "deepspeed_dense_lr3e-6", run_steps(dense, a.rank, a.hidden, a.steps, counter, pub=pub))
+            del dense, pub
         if stage <= 2:
             state = sds.SparseReduceState(density=a.density)
             eng = sds.initialize(model_of(a.hidden, a.layers), cfg(stage, True), comm="sparse_grad", state=state)

@@ -6,7 +6,8 @@ the codec's payloads (sparsecomm.codec wire format) or raw little-endian weight 
 (chunks.py: {index, total, offset}, at most CHUNK_BYTES each).
 
 Client -> coordinator
-    join        {worker, role: "trainer"|"rollout", fingerprint, numel, version, hash, [pushed_since]}
+    join        {worker, role: "trainer"|"rollout"|"publisher", fingerprint, numel, version, hash, [pushed_since],
+                [rank, ranks] (publishers)}
                 pushed_since: a trainer restarted from a checkpoint asks which of its pushes for
                 rounds >= pushed_since were counted (its outbox, zmq_client.py): see welcome
     init        {worker, index, total, offset}            + fp32 chunk   (first trainer seeds W0)
@@ -19,6 +20,9 @@ Client -> coordinator
     sync        {worker, from_version}                    missing aggregates, or snapshot needed
     snapshot    {worker}                                  full weights, chunked
     leave       {worker}
+    patch       {worker, version}                         + encode_model payload (relay mode only:
+                a ZeRO-3 rank's exact bf16 entries of its own partition for that version, see
+                coordinator/relay.py; a publisher joins with role "publisher" and {rank, ranks})
 
 Coordinator -> client
     welcome     {version, hash, round, numel, need_init, need_sync, need_snapshot, [counted, known_from]}
@@ -30,10 +34,12 @@ Coordinator -> client
                 decay: the round's agreed weight decay; the version it produces is
                 W_v = decay(W_{v-1}) + decode(payload), on the coordinator and on every replica.
     ack         {round, status: "pending"}  a re-sent push already counted; its aggregate follows
+                (relay mode: {version, relay_version} for every accepted patch)
     rollout     {version, hash, kind: "bf16_values"|"delta", decay}              + payload
                 (decay only matters for kind "delta": bf16_values already carry decayed values)
     anchor      {version, hash, index, total, offset, dtype}                    + chunk
-    snapshot    {version, hash, round, index, total, offset}                    + fp32 chunk
+    snapshot    {version, hash, round, index, total, offset, [dtype]}           + fp32 chunk
+                (relay mode: dtype "bfloat16", the relay's bf16 copy)
     synced      {version, hash, count}  (after count `aggregate` replays)
     error       {reason, detail}        reason is one of REASONS (counted by the coordinator)
 
@@ -61,8 +67,8 @@ from dataclasses import dataclass
 import msgpack
 
 PROTOCOL_VERSION = 2  # 2: push/aggregate `decay` (weight decay on the coordinator's weights)
-OPS_IN = ("join", "init", "push", "heartbeat", "sync", "snapshot", "leave")
-ROLES = ("trainer", "rollout")
+OPS_IN = ("join", "init", "push", "heartbeat", "sync", "snapshot", "leave", "patch")
+ROLES = ("trainer", "rollout", "publisher")
 REASONS = ("malformed", "protocol_version", "unknown_op", "unknown_worker", "bad_field", "fingerprint",
            "shape_mismatch", "bad_payload", "value_out_of_range", "oversized", "duplicate", "stale", "not_ready",
            "init_conflict", "forbidden", "rate_limited", "decay_mismatch", "internal")

@@ -1,11 +1,13 @@
-"""Clients of the ZeroMQ coordinator: trainers (CoordinatorClient, CoordinatorTransport for ASPG)
-and rollout/inference workers (RolloutClient). One DEALER socket each; protocol in protocol.py.
+"""Clients of the ZeroMQ coordinator: trainers (CoordinatorClient, CoordinatorTransport for ASPG),
+rollout/inference workers (RolloutClient) and, for a relay coordinator, ZeRO-3 ranks (PublisherClient). One DEALER socket each; protocol in protocol.py.
 
     transport = CoordinatorTransport("tcp://10.0.0.1:5555", worker_id=f"trainer-{rank}")
     opt = ASPG(model.parameters(), density=0.01, transport=transport)   # joins, seeds or syncs weights
 
     rollout = RolloutClient("tcp://10.0.0.1:5555", "rollout-0", fingerprint, numel)
     rollout.connect(); while True: rollout.poll(1.0); use(rollout.weights)   # a bf16 copy, exact
+
+    publisher = PublisherClient(endpoint, "zero3-rank0")   # a ZeRO-3 rank, to a relay coordinator
 
 Every aggregate is verified before it is applied: its version must follow the client's, and
 sha256(client hash || payload) must equal the coordinator's hash (the chain in protocol.py).
@@ -137,15 +139,16 @@ class _Connection:
 
 
 def receive_weights(conn: "_Connection", numel: int) -> tuple[torch.Tensor, dict]:
-    """Assemble a chunked fp32 `snapshot` into a tensor; other messages arriving meanwhile are skipped
+    """Assemble a chunked `snapshot` (fp32, or bf16 from a relay) into a tensor; other messages arriving meanwhile are skipped
     (they predate the snapshot). Returns the weights and the last chunk's header (version, hash)."""
-    out = torch.empty(numel, dtype=torch.float32)
-    version, assembler = None, None
+    out, version, assembler = None, None, None
     while True:
         h, frames = conn.recv()
         if h["op"] != "snapshot":
             continue
         if h["version"] != version:  # chunks of an earlier, interrupted snapshot: start over
+            # a relay coordinator (coordinator/relay.py) sends its bf16 copy, a training one fp32
+            out = torch.empty(numel, dtype=torch.bfloat16 if h.get("dtype") == "bfloat16" else torch.float32)
             version, assembler = h["version"], chunks.Assembler(chunks.raw_bytes(out))
         if assembler.add(h["index"], h["total"], h["offset"], frames[0]):
             return out, h
@@ -532,6 +535,63 @@ class RolloutClient:
         if assembler.add(h["index"], h["total"], h["offset"], chunk):
             self.weights = buf.to(torch.bfloat16)
             self._anchor = None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PublisherClient:
+    """A ZeRO-3 rank's link to a relay coordinator (coordinator/relay.py): `join` once, then one
+    `send(payload, version, rank)` per version (the `send` of `Zero3RolloutPublisher`).
+
+    Each patch waits for its `ack`, so a refusal (bad partition, layout, sequence) is raised at the
+    rank that caused it, and a rank that runs `relay_max_ahead` versions ahead of the slowest one
+    waits (`not_ready` is retried with a back-off up to `timeout_s`) instead of growing the relay's
+    memory. After `join` the relay's next version is `next_version`; if the relay no longer knows
+    us (it restarted), `send` raises `CoordinatorError("unknown_worker")`: rejoin and re-anchor.
+    """
+
+    def __init__(self, endpoint: str, worker_id: str, timeout_s: float = 60.0, heartbeat_s: float = 1.0,
+                 curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
+        self.conn = _Connection(endpoint, worker_id, "publisher", timeout_s, heartbeat_s, curve, context)
+        self.next_version = 1
+        self.timeout_s = timeout_s
+
+    def join(self, fingerprint: str, numel: int, rank: int, ranks: int) -> int:
+        """Join as publisher `rank` of `ranks`; returns the relay's next version (its last complete + 1)."""
+        self._joined_as = (fingerprint, numel, rank, ranks)
+        self.conn.send("join", role="publisher", fingerprint=fingerprint, numel=numel, version=0, hash="",
+                       rank=rank, ranks=ranks)
+        h, _ = self.conn.recv()
+        if h["op"] != "welcome":
+            raise CoordinatorError("protocol", f"expected welcome, got {h['op']!r}")
+        self.next_version = int(h["next_version"])
+        return self.next_version
+
+    def rejoin(self) -> int:
+        """Join again as before (the relay restarted or dropped us); returns its next version."""
+        return self.join(*self._joined_as)
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.conn.sent_bytes
+
+    def __call__(self, payload: bytes, version: int, rank: int) -> None:
+        deadline, backoff = time.monotonic() + self.timeout_s, 0.01
+        while True:
+            self.conn.send("patch", payload, version=version)
+            try:
+                h, _ = self.conn.recv()
+            except CoordinatorError as e:
+                if e.reason != "not_ready" or time.monotonic() > deadline:
+                    raise
+                time.sleep(backoff)  # ahead of the slowest rank: let it catch up
+                backoff = min(1.0, 2 * backoff)
+                continue
+            if h["op"] != "ack" or h.get("version") != version:
+                raise CoordinatorError("protocol", f"expected the ack of patch {version}, got {h}")
+            self.next_version = version + 1
+            return
 
     def close(self) -> None:
         self.conn.close()

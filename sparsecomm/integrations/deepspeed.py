@@ -28,9 +28,11 @@ source offers (read from runtime/engine.py and runtime/zero/stage_1_and_2.py of 
 
 ZeRO-3 weight sync to rollout workers without a full gather (`Zero3RolloutPublisher`): each rank
 diffs its own parameter partition against the bf16 copy it last published and sends only the
-changed entries (exact bf16, per checkpoint tensor) to a subscriber (`ZmqPatchSender` ->
-`RolloutAssembler`), which reassembles the bf16 model bit for bit. It is a direct ZeroMQ PUSH,
-not yet a coordinator op: the coordinator's rollout publishing serves its own flat weights.
+changed entries (exact bf16, per checkpoint tensor). `relay_publisher(engine, endpoint)` sends
+them to the ZeroMQ coordinator in relay mode (`sparsecomm coordinator --relay`), which checks each
+rank's partition, assembles every version from all ranks' patches and streams it to any number of
+rollout workers (`RolloutClient`, bit for bit the gathered bf16 model; late joiners get a snapshot);
+`ZmqPatchSender` -> `RolloutAssembler` is the direct PUSH to a single subscriber.
 
 Under comm="aspg" DeepSpeed's `gradient_clipping` (1.0 by default in 0.19.8) clips each rank's
 local gradient before ASPG sees it; set it to 0 to match sparsecomm's own trainer.
@@ -600,11 +602,46 @@ class Zero3RolloutPublisher:
         self.version += 1
         return encode_model(deltas, "auto", "bf16", step=self.version), changed_k
 
+    def start_at(self, version: int) -> None:
+        """Continue after `version` with a full partition (an anchor): a relay's next version is
+        version + 1, and what it holds of this rank is no longer assumed."""
+        self.version = version
+        self.last.clear()
+
     def publish(self) -> dict:
-        """Send this version's patch; returns {"version", "sent_bytes", "changed_entries"}."""
+        """Send this version's patch; returns {"version", "sent_bytes", "changed_entries"}.
+
+        With a relay sender (`PublisherClient`, via `relay_publisher`): if the relay no longer knows
+        this rank (it restarted), rejoin and send a full partition for the relay's next version."""
         payload, k = self.patch()
-        self.send(payload, self.version, self.rank)
+        try:
+            self.send(payload, self.version, self.rank)
+        except Exception as e:
+            rejoin = getattr(self.send, "rejoin", None)
+            if rejoin is None or getattr(e, "reason", None) not in ("unknown_worker", "stale"):
+                raise
+            self.start_at(rejoin() - 1)
+            payload, k = self.patch()
+            self.send(payload, self.version, self.rank)
         return {"version": self.version, "sent_bytes": len(payload), "changed_entries": k}
+
+
+def relay_publisher(engine, endpoint: str, worker_id: str | None = None, **client_kw) -> Zero3RolloutPublisher:
+    """This ZeRO-3 rank's publisher to a relay coordinator (`sparsecomm coordinator --relay`): joins as
+    rank r of the data-parallel group (worker id `zero3-rank{r}` unless given) with the layout
+    fingerprint rollout workers compute from their model (`relay.layout_fingerprint`), and starts
+    at the relay's next version with a full partition. `publish()` after each optimizer step."""
+    import torch.distributed as dist
+
+    from ..exchange.coordinator.relay import layout_fingerprint
+    from ..exchange.zmq_client import PublisherClient
+
+    rank, ranks = dist.get_rank(engine.data_parallel_group), dist.get_world_size(engine.data_parallel_group)
+    client = PublisherClient(endpoint, worker_id or f"zero3-rank{rank}", **client_kw)
+    pub = Zero3RolloutPublisher(engine, client)
+    fingerprint = layout_fingerprint((name, p.ds_shape) for name, p in pub.params)
+    pub.start_at(client.join(fingerprint, sum(p.ds_numel for _, p in pub.params), rank, ranks) - 1)
+    return pub
 
 
 class ZmqPatchSender:

@@ -5,9 +5,7 @@ and returns what the test process compares (weights per rank, reduction records)
 """
 from __future__ import annotations
 
-import copy
 import os
-import tempfile
 
 import torch
 
@@ -209,9 +207,10 @@ def sparse_param_gather_scenarios(rank: int) -> dict:
     return out
 
 
-def zero3_rollout_scenario(rank: int, endpoint: str) -> dict:
-    """ZeRO-3 AdamW: every version each rank publishes its partition's changed bf16 entries; at the end
-    a gathered bf16 reference (the full model, gathered only here, for the comparison)."""
+def zero3_rollout_scenario(rank: int, endpoint: str, relay_endpoint: str) -> dict:
+    """ZeRO-3 AdamW: every version each rank publishes its partition's changed bf16 entries, to a
+    direct subscriber (`endpoint`, a PULL socket) and through a relay coordinator (`relay_endpoint`);
+    at the end a gathered bf16 reference (the full model, gathered only here, for the comparison)."""
     import deepspeed
 
     from sparsecomm.integrations import deepspeed as sds
@@ -219,23 +218,26 @@ def zero3_rollout_scenario(rank: int, endpoint: str) -> dict:
     eng = sds.initialize(tiny_model(), adamw_config(3), comm="dense")
     sender = sds.ZmqPatchSender(endpoint)
     pub = sds.Zero3RolloutPublisher(eng, sender)
-    sent = [pub.publish()]  # version 1: the anchor
+    relay = sds.relay_publisher(eng, relay_endpoint, timeout_s=60)
+    sent, relayed = [pub.publish()], [relay.publish()]  # version 1: the anchor
     for s in range(STEPS):
         train(eng, rank, 1, start=s)
         sent.append(pub.publish())
+        relayed.append(relay.publish())
     sender.close()
+    relay.send.close()
     with deepspeed.zero.GatheredParameters(list(eng.module.parameters())):
         ref = {name: p.detach().to(torch.bfloat16).clone() for name, p in eng.module.named_parameters()}
     numel = sum(p.ds_numel for p in eng.module.parameters())
-    return {"sent": sent, "ref": ref, "held_bytes": pub.held_bytes, "peak_temp_bytes": pub.peak_temp_bytes,
+    return {"sent": sent, "relayed": relayed, "ref": ref, "held_bytes": pub.held_bytes, "peak_temp_bytes": pub.peak_temp_bytes,
             "model_numel": numel, "max_partition": max(p.ds_tensor.ds_numel for p in eng.module.parameters())}
 
 
-def run_all(rank: int, world_size: int, ckpt_dir: str, endpoint: str) -> dict:
+def run_all(rank: int, world_size: int, ckpt_dir: str, endpoint: str, relay_endpoint: str) -> dict:
     import deepspeed
 
     os.environ["SPARSECOMM_DS_CKPT"] = ckpt_dir
     # what the deepspeed / torchrun launchers set; DeepSpeed's engine asserts LOCAL_RANK
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="gloo")
-    return {**aspg_scenarios(rank), **sparse_grad_scenarios(rank), "zero3": zero3_rollout_scenario(rank, endpoint)}
+    return {**aspg_scenarios(rank), **sparse_grad_scenarios(rank), "zero3": zero3_rollout_scenario(rank, endpoint, relay_endpoint)}

@@ -5,6 +5,9 @@ deepspeed_worker.py); the tests below check its results. Refusals are checked in
 """
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -15,25 +18,56 @@ from sparsecomm.integrations import deepspeed as sds  # noqa: E402
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every rank's results, and the ZeRO-3 patches the ranks pushed to this process (a rollout subscriber)."""
+    """Every rank's results; the ZeRO-3 patches the ranks pushed to this process (a direct subscriber);
+    and what rollout workers of a relay coordinator (running here) held: one that joined at version 1
+    and followed every version, one that joined at the end (a snapshot)."""
     import zmq
 
+    from sparsecomm.exchange.coordinator.relay import layout_fingerprint
+    from sparsecomm.exchange.zmq_client import RolloutClient
     from tests.distributed.helpers import run_workers
-    from tests.integration.deepspeed_worker import run_all
+    from tests.integration.coordinator_helpers import running_coordinator
+    from tests.integration.deepspeed_worker import STEPS, run_all, tiny_model
 
     d = tmp_path_factory.mktemp("ds")
+    model = tiny_model()
+    fp, numel = layout_fingerprint((n, p.shape) for n, p in model.named_parameters()), sum(p.numel() for p in model.parameters())
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
+    follower: dict = {}
+
+    def follow(c):  # a rollout worker from the start (version 0, zeros): applies every version
+        try:
+            deadline = time.monotonic() + 300  # bounded: a stalled relay fails the test, it does not hang it
+            while c.version < STEPS + 1 and time.monotonic() < deadline:
+                c.poll(1.0)
+            follower.update(weights=c.weights.clone(), updates=c.updates, hash=c.hash)
+        except BaseException as e:
+            follower["error"] = e
+
     try:
-        out = run_workers(run_all, 2, d, str(d / "ckpt"), f"tcp://127.0.0.1:{port}")
+        with running_coordinator(relay=True) as coord:
+            early = RolloutClient(coord.endpoint, "rollout-early", fp, numel, timeout_s=60, heartbeat_s=0.2)
+            early.connect()  # its socket is used by the follower thread only from here on
+            t = threading.Thread(target=follow, args=(early,), daemon=True)
+            t.start()
+            out = run_workers(run_all, 2, d, str(d / "ckpt"), f"tcp://127.0.0.1:{port}", coord.endpoint)
+            t.join(330)
+            early.close()
+            late = RolloutClient(coord.endpoint, "rollout-late", fp, numel, timeout_s=30)
+            late.connect()
+            follower["late"] = late.weights.clone()
+            follower["relay"] = {"version": coord.state.version, "hash": coord.state.hash,
+                                 "published_bytes": coord.relay.published_bytes}
+            late.close()
         patches = []
         while pull.poll(2000):  # queued by zmq's I/O thread while the ranks ran
             patches.append(pull.recv_multipart())
     finally:
         pull.close(linger=0)
         ctx.term()
-    return out, patches
+    return out, patches, follower
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +186,7 @@ def test_compressed_reduction_bf16_zero1_and_resume(ranks):
 def test_zero3_rollout_sync_reassembles_the_gathered_bf16_model(results):
     import msgpack
 
-    ranks, patches = results
+    ranks, patches, _ = results
     z = [r["zero3"] for r in ranks]
     assert len(patches) == 2 * len(z[0]["sent"])  # every rank, every version
     sub = sds.RolloutAssembler()
@@ -168,6 +202,26 @@ def test_zero3_rollout_sync_reassembles_the_gathered_bf16_model(results):
         assert r["held_bytes"] <= 2 * (numel // 2 + 64 * 4)
         # temporaries: one tensor's partition at a time (bf16 values + int64 indices), not the model
         assert r["peak_temp_bytes"] <= 10 * r["max_partition"] < 2 * 4 * numel
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero3_rollout_sync_through_the_relay_coordinator(results):
+    """The same patches through `sparsecomm coordinator --relay`: a rollout worker that joined before the
+    ranks and followed every version and one that joined at the end (a bf16 snapshot) both hold the
+    gathered bf16 model, bit for bit."""
+    ranks, _, follower = results
+    assert "error" not in follower, follower.get("error")
+    z = [r["zero3"] for r in ranks]
+    ref = torch.cat([t.reshape(-1) for t in z[0]["ref"].values()])  # named_parameters order: the relay's layout
+    relay = follower["relay"]
+    assert relay["version"] == len(z[0]["relayed"]) and [s["version"] for s in z[0]["relayed"]] == \
+        list(range(1, relay["version"] + 1))
+    assert follower["updates"] == relay["version"]  # joined at version 0, then one patch per version
+    assert torch.equal(follower["weights"], ref) and follower["hash"] == relay["hash"]
+    assert torch.equal(follower["late"], ref)
+    for r in z:  # a rank sends the relay what it sends a direct subscriber: the same patches
+        assert [s["changed_entries"] for s in r["relayed"]] == [s["changed_entries"] for s in r["sent"]]
 
 
 def test_unsupported_version_is_a_clear_error():

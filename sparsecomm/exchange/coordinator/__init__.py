@@ -13,6 +13,11 @@ averages, optionally re-sparsifies, applies, extends the hash chain, journals th
 sends the aggregate to every trainer and the changes to rollout workers (a full `anchor` every
 `anchor_every` versions; a checkpoint every `checkpoint_every` rounds).
 
+    sparsecomm coordinator --relay --bind tcp://127.0.0.1:5555   # ZeRO-3 ranks -> rollout workers
+
+Relay mode (relay.py) has no trainers: ZeRO-3 ranks ("publishers") send the changed bf16 entries
+of their own partitions, and each version, once every rank's patch is in, goes to rollout workers.
+
 Faults: a trainer silent for `heartbeat_timeout_s` is dropped from the live set (so a killed
 worker stalls a round at most that long, or `deadline_s` with a quorum below 1), even under a
 flood of junk; it can rejoin and resync (replayed aggregates if still retained, else a chunked
@@ -28,6 +33,7 @@ Modules, one job each:
     server.py      Coordinator: socket, poll loop, limits, dispatch, membership
     rounds.py      pushes, late deltas, closing a round, idempotent re-pushes
     rollout.py     publishing to rollout workers
+    relay.py       relay mode (--relay): ZeRO-3 ranks' partition patches assembled into versions
     state.py       State and Aggregate (what is checkpointed)
     checkpoint.py  checkpoint and journal files
     metrics.py     Prometheus metrics

@@ -49,6 +49,9 @@ class CoordinatorConfig:
     anchor_every: int = _f(0, "full weights to rollout workers every N versions (0: only on join)")
     rollout_bf16: bool = _f(True, "rollout workers get the exact bf16 changes (lossless for a bf16 copy); "
                                   "--no-rollout-bf16 sends the fp32 delta")
+    relay: bool = _f(False, "relay mode: assemble ZeRO-3 ranks' partition patches (role publisher) into versions "
+                            "for rollout workers, instead of aggregating trainers' deltas (coordinator/relay.py)")
+    relay_max_ahead: int = _f(4, "relay mode: versions a publisher may run ahead of the slowest rank")
     checkpoint_dir: str | None = _f(None, "directory for the checkpoint and the round journal (None: no durability)")
     checkpoint_every: int = _f(10, "rounds between full checkpoints")
     journal: bool = _f(True, "append every aggregate to CHECKPOINT_DIR/journal.bin before sending it, so a "
@@ -77,6 +80,10 @@ class CoordinatorConfig:
             raise ValueError("deadline_s and heartbeat_timeout_s must be > 0; retain and checkpoint_every >= 1")
         if not 0 <= self.resparsify_density < 1:
             raise ValueError(f"resparsify_density must be in [0, 1), got {self.resparsify_density}")
+        if self.relay and self.checkpoint_dir:
+            raise ValueError("relay mode keeps no checkpoint (publishers re-anchor after a restart): drop checkpoint_dir")
+        if self.relay_max_ahead < 1:
+            raise ValueError(f"relay_max_ahead must be >= 1, got {self.relay_max_ahead}")
         if (self.curve_secret_key is None) != (self.allow_keys is None):
             raise ValueError("CURVE needs both curve_secret_key and allow_keys")
         if self.max_messages_per_poll < 1 or self.peer_error_burst < 1 or self.peer_error_rate_per_s <= 0:

@@ -31,6 +31,7 @@ from ..protocol import OPS_IN, ROLES, ProtocolError, decay_field, field as hfiel
 from .checkpoint import Journal, load_checkpoint, save_checkpoint
 from .config import CoordinatorConfig
 from .metrics import Metrics
+from .relay import PatchRelay
 from .rollout import RolloutPublisher, send_tensor
 from .rounds import Rounds
 from .state import State
@@ -98,6 +99,9 @@ class Coordinator:
         self._rate_limited = self.metrics.rejected.labels(reason="rate_limited")
         self.rounds = Rounds(cfg, self.state, self.metrics)
         self.rollout = RolloutPublisher(cfg, self.state, self.send)
+        self.relay = PatchRelay(cfg, self.state, self.metrics, self.send) if cfg.relay else None
+        if self.relay is not None:
+            self.relay.rollout_peers = lambda: [p for p in self.peers.values() if p.role == "rollout" and p.in_sync]
         self.budget = ErrorBudget(cfg.peer_error_rate_per_s, cfg.peer_error_burst)
         self.journal = Journal(cfg.checkpoint_dir, cfg.journal_fsync) if cfg.checkpoint_dir and cfg.journal else None
         self._last_prune = time.monotonic()
@@ -257,6 +261,8 @@ class Coordinator:
         st = self.state
         if st.fingerprint is not None and (fp != st.fingerprint or numel != st.numel):
             raise ProtocolError("fingerprint", f"model fingerprint {fp}/{numel} differs from {st.fingerprint}/{st.numel}")
+        if self.relay is not None or role == "publisher":
+            return self._join_relay(identity, h, worker, role, fp, numel)
         old = self.peers.get(worker)
         if old is not None and old.identity != identity:
             self.rounds.drop(worker)  # a rejoin from a new connection: the old one is gone, it will re-push
@@ -284,6 +290,28 @@ class Coordinator:
                                  req=self._req, need_init=need_init, need_sync=bool(replayable),
                                  need_snapshot=not need_init and not in_sync and not replayable, **counted))
         self._update_alive()
+
+    def _join_relay(self, identity, h, worker: str, role: str, fp: str, numel: int) -> None:
+        """Relay mode's members: ZeRO-3 publishers and rollout workers, in any order."""
+        st = self.state
+        if self.relay is None:
+            raise ProtocolError("bad_field", "role 'publisher' needs a relay coordinator (sparsecomm coordinator --relay)")
+        if role == "trainer":
+            raise ProtocolError("bad_field", "this coordinator relays ZeRO-3 patches (--relay): trainers push to a "
+                                             "training coordinator")
+        extra = self.relay.join(worker, h) if role == "publisher" else {}
+        if st.fingerprint is None:
+            st.fingerprint, st.numel = fp, numel
+            self.relay.start()
+        self.peers[worker] = Peer(identity, role, time.monotonic(), st.version, False)
+        self.send(identity, pack("welcome", version=st.version, hash=st.hash, round=0, numel=st.numel, req=self._req,
+                                 need_init=False, need_sync=False, need_snapshot=role == "rollout", **extra))
+        self._update_alive()
+
+    def on_patch(self, identity, h, frames) -> None:
+        if self.relay is None or self.peers[h["worker"]].role != "publisher":
+            raise ProtocolError("bad_field", "only publishers send patches, to a relay coordinator (--relay)")
+        self.send(identity, pack("ack", req=self._req, **self.relay.patch(h["worker"], h, frames)))
 
     def on_init(self, identity, h, frames) -> None:
         worker = h["worker"]
@@ -321,6 +349,8 @@ class Coordinator:
     def on_leave(self, identity, h, frames) -> None:
         self.peers.pop(h["worker"], None)
         self.rounds.drop(h["worker"])
+        if self.relay is not None:
+            self.relay.drop(h["worker"])
         self._update_alive()
 
     def on_sync(self, identity, h, frames) -> None:
@@ -335,6 +365,10 @@ class Coordinator:
         self._mark_synced(worker)
 
     def on_snapshot(self, identity, h, frames) -> None:
+        if self.relay is not None:
+            self.relay.send_snapshot(identity)
+            self._mark_synced(h["worker"])
+            return
         if self.state.weights is None:
             raise ProtocolError("not_ready", "no weights yet")
         # the round too: a trainer rejoining by snapshot pushes into it next (without it, into a stale
@@ -377,7 +411,8 @@ class Coordinator:
     def tick(self) -> None:
         now = time.monotonic()
         for w, p in list(self.peers.items()):
-            if now - p.last_seen > self.cfg.heartbeat_timeout_s:
+            # publishers are not timed out: a relay version cannot complete without them anyway
+            if p.role != "publisher" and now - p.last_seen > self.cfg.heartbeat_timeout_s:
                 log.info("worker %s timed out", w)
                 del self.peers[w]
                 self.rounds.drop(w)

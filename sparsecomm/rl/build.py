@@ -190,15 +190,18 @@ def wrap_fsdp2(cfg: TrainConfig, model, mesh):
 
 
 class LocalShards:
-    """A model as the trackers see it under FSDP2: this rank's local shard of every parameter (an alias of
-    the DTensor's local tensor, so the optimizer's in-place updates reach it) beside its module structure
-    (for layer kinds). Sparsity is then per rank, over its own shard."""
+    """A model as the trackers see it under FSDP2 or DeepSpeed ZeRO-3: this rank's local shard of every
+    parameter (an alias of the DTensor's local tensor, or ZeRO-3's `ds_tensor` partition, so the optimizer's
+    in-place updates reach it) beside its module structure (for layer kinds). Sparsity is then per rank,
+    over its own shard."""
 
     def __init__(self, model):
         self.model = model
 
     @staticmethod
     def local(p):
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: p.data is empty outside forward/backward
+            return p.ds_tensor
         return p.to_local() if hasattr(p, "to_local") else p
 
     def named_modules(self):
@@ -206,6 +209,9 @@ class LocalShards:
 
     def named_parameters(self):
         return ((name, self.local(p)) for name, p in self.model.named_parameters())
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------ optimizer and transport

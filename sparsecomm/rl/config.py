@@ -168,6 +168,10 @@ class TrainConfig:
     """engine=deepspeed comm=hook zero_stage=1|2: the all-gather of the updated partitions is sparse too, this
     fraction of each rank's partition per step (the entries that moved most since last sent; the rest stays in
     the fp32 master and follows later); 0: DeepSpeed's dense all-gather."""
+    rollout_relay: str = ""
+    """engine=deepspeed zero_stage=3: after every RL step each rank sends the changed bf16 entries of its own
+    parameter partition to this relay coordinator (`sparsecomm coordinator --relay`, e.g. tcp://HOST:5555),
+    which streams whole versions to rollout workers; the model is never gathered ("": off)."""
     deepspeed_config: str = ""
     """engine=deepspeed: a DeepSpeed JSON config merged under the one built from this recipe
     (zero_stage, a micro batch of 1, no clipping; "" for none), e.g. launch/recipes/deepspeed_zero2.json."""
@@ -204,6 +208,8 @@ class TrainConfig:
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         _one_of("engine", self.engine, ENGINES)
+        if self.rollout_relay and not (self.engine == "deepspeed" and self.zero_stage == 3):
+            raise ValueError("rollout_relay publishes ZeRO-3 partitions: it needs engine=deepspeed zero_stage=3")
         if self.param_density and self.engine != "deepspeed":
             raise ValueError(f"param_density is for engine=deepspeed (ZeRO-1/2's partition all-gather), not {self.engine}")
         if self.engine == "deepspeed":

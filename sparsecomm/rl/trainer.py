@@ -223,8 +223,14 @@ class Trainer:
             self.summary.update(ck["summary"])
             self.summary["runtime"] = self.runtime  # what the resumed part ran on
             start = ck["step"]
+        relay = None  # engine=deepspeed zero_stage=3 rollout_relay=...: this rank's publisher
         if cfg.engine == "deepspeed":  # the engine runs backward and step; opt is its DeepSpeedStep
             model, opt, hook_state = build.build_deepspeed(cfg, self.model, self.rank, self.world, self.device)
+            if cfg.rollout_relay:
+                from ..integrations.deepspeed import relay_publisher
+
+                relay = relay_publisher(model, cfg.rollout_relay)
+                relay.publish()  # version 1: every rank's whole partition (the anchor)
         else:
             model, hook_state = build.build_rl_model(cfg, self.model, self.device, self.rank, self.world,
                                                      None if ck is None else ck["hook_state"], mesh=self.mesh)
@@ -239,7 +245,8 @@ class Trainer:
             torch.set_rng_state(ck["torch_rng"])
             if ck.get("cuda_rng") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(ck["cuda_rng"], self.device)
-        tracked = build.LocalShards(self.model) if cfg.engine == "fsdp2" else self.model  # DTensors: local shards
+        sharded = cfg.engine == "fsdp2" or (cfg.engine == "deepspeed" and cfg.zero_stage == 3)
+        tracked = build.LocalShards(self.model) if sharded else self.model  # DTensors / ZeRO-3: local shards
         tracker = SparsityTracker(tracked, mode=cfg.tracker_mode, k_steps=cfg.k_steps, per_param=cfg.per_param_stats,
                                   hot_window=cfg.hot_window, hot_definition=cfg.hot_definition if cfg.hot_window else None)
         ranks = RankTracker(self.model, every=cfg.rank_every) if cfg.rank_every else None
@@ -249,7 +256,8 @@ class Trainer:
         comm = CommTracker(cfg.dense_baseline_every if self.world > 1 and cfg.optimizer != "aspg" else 0,
                            group=self.mesh["replicate"].get_group() if self.mesh is not None else None)
         whole = self._whole_run_rank(ck)
-        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)  # what is communicated
+        # what is communicated (ZeRO-3 parameters are empty outside forward/backward: their ds_numel)
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         for step in range(start + 1, cfg.rl_steps + 1):
             self._sync()
             t0 = time.perf_counter()
@@ -267,6 +275,10 @@ class Trainer:
             if whole is not None:
                 whole.observe_tokens(round(m["train/batch_tokens"]))
             opt.step()  # ASPG communicates here
+            if relay is not None:  # this step's weights to the rollout workers, partition by partition
+                sync = relay.publish()
+                stats.update({"rollout/version": sync["version"], "rollout/sent_bytes": sync["sent_bytes"],
+                              "rollout/changed_entries": sync["changed_entries"]})
             stats.update(tracker.step(lr=cfg.rl_lr))
             stats.update(build.comm_metrics(cfg, opt=opt, hook_state=hook_state, comm_tracker=comm, model=self.model,
                                             world=self.world, step=step, numel=numel, backward_s=t2 - t1))
@@ -275,6 +287,8 @@ class Trainer:
             self.recorder.record(stats)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self._save_checkpoint(step, opt, ref, hook_state, rng, whole)
+        if relay is not None:
+            relay.send.close()
         if tracker.hot is not None:
             tracker.hot.save(self.run_dir / f"hot_maps_rank{self.rank}.npz")
         self.summary["eval_accuracy_after_rl"] = evaluate(self.model, self.tok, self.task, self.eval_set, self.grpo.max_new_tokens)

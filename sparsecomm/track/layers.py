@@ -38,4 +38,8 @@ def named_parameter_kinds(model: nn.Module) -> dict[str, str]:
     for mname, mod in model.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             owner[f"{mname}.{pname}" if mname else pname] = mod
-    return {name: kind_of(name, owner.get(name)) for name, p in model.named_parameters() if p.requires_grad}
+    # a model of local shards (rl.build.LocalShards) names its trainable parameters itself: ZeRO-3's
+    # partitions do not require grad, the parameters they belong to do
+    trainable = (model.trainable_names() if hasattr(model, "trainable_names")
+                 else {name for name, p in model.named_parameters() if p.requires_grad})
+    return {name: kind_of(name, owner.get(name)) for name, _ in model.named_parameters() if name in trainable}

@@ -83,7 +83,10 @@ class _FloatCodec:
         bits = torch.from_numpy(np.frombuffer(buf, dtype=self.np_view).copy())
         out = bits.view(self.wire)
         _require_finite(out, f"{self.name} decode")
-        return out.to(dtype)
+        res = out.to(dtype)
+        if torch.finfo(dtype).max < torch.finfo(self.wire).max:  # a narrowing cast can overflow to inf
+            _require_finite(res, f"{self.name} decode into {dtype}")
+        return res
 
 
 class Int8Codec:
@@ -128,7 +131,9 @@ class Int8Codec:
         q = torch.from_numpy(np.frombuffer(buf, dtype=np.int8).copy())
         if q.numel() and int(q.min()) < -127:
             raise CodecError("int8 value -128 is outside the symmetric range")
-        return self._dequantize(q, scale, dtype)
+        out = self._dequantize(q, scale, dtype)
+        _require_finite(out, f"int8 decode into {dtype}")  # 127 x a huge scale overflows
+        return out
 
 
 # both 2**e and 2**-e are normal fp32 numbers in this range (a division by a scalar may run as a

@@ -95,6 +95,7 @@ class _Connection:
         self.recv_bytes = 0
         self.req = 0  # id of the latest request; replies to older ones are stale
         self._last_send = time.monotonic()
+        self.unsolicited_errors: tuple[str, ...] = ()  # errors answering heartbeats that recv raises
 
     def send(self, op: str, *frames, **fields) -> None:
         if op != "heartbeat":
@@ -121,6 +122,9 @@ class _Connection:
                 frames = self.sock.recv_multipart(copy=False)
                 self.recv_bytes += sum(len(f.buffer) for f in frames)
                 h = unpack_header(frames[0].buffer, REPLY_LIMITS)
+                if (h["op"] == "error" and h.get("req") is None and h.get("reason") in self.unsolicited_errors):
+                    # the answer to a heartbeat: the coordinator no longer knows us (it restarted)
+                    raise CoordinatorError(h["reason"], h.get("detail", ""))
                 if h["op"] in ("error", "welcome", "ack") and h.get("req") != self.req:
                     continue  # a reply to an earlier request or to a heartbeat (e.g. across a coordinator restart)
                 if h["op"] == "error":
@@ -477,11 +481,14 @@ class RolloutClient:
     With the coordinator's default (`rollout_bf16`), it receives exactly the bf16 entries whose
     bits changed and stores them: its bf16 weights equal bf16(coordinator's fp32 weights), bit
     for bit, after every version. Anchors (full copies) replace the weights when they arrive.
+    If the coordinator restarted (it answers our heartbeats with `unknown_worker`), `poll` raises
+    `CoordinatorError("unknown_worker")`: call `connect()` again for a fresh snapshot.
     """
 
     def __init__(self, endpoint: str, worker_id: str, fingerprint: str, numel: int, timeout_s: float = 60.0,
                  heartbeat_s: float = 1.0, curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
         self.conn = _Connection(endpoint, worker_id, "rollout", timeout_s, heartbeat_s, curve, context)
+        self.conn.unsolicited_errors = ("unknown_worker",)  # the coordinator restarted: poll raises, connect() again
         self.fingerprint, self.numel = fingerprint, numel
         self.weights = torch.zeros(numel, dtype=torch.bfloat16)
         self.version, self.hash, self.updates = -1, "", 0
@@ -554,6 +561,7 @@ class PublisherClient:
     def __init__(self, endpoint: str, worker_id: str, timeout_s: float = 60.0, heartbeat_s: float = 1.0,
                  curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
         self.conn = _Connection(endpoint, worker_id, "publisher", timeout_s, heartbeat_s, curve, context)
+        self.conn.unsolicited_errors = ("unknown_worker",)
         self.next_version = 1
         self.timeout_s = timeout_s
 

@@ -565,6 +565,7 @@ class Zero3RolloutPublisher:
         import torch.distributed as dist
 
         self.send = send
+        self.group = engine.data_parallel_group  # relay senders: the ranks agree on failures over it
         self.rank = dist.get_rank(engine.data_parallel_group)
         self.params = [(name, p) for name, p in engine.module.named_parameters()]
         self.last: dict[str, torch.Tensor] = {}  # name -> (n,) bf16 of this rank's partition, as last published
@@ -611,19 +612,48 @@ class Zero3RolloutPublisher:
     def publish(self) -> dict:
         """Send this version's patch; returns {"version", "sent_bytes", "changed_entries"}.
 
-        With a relay sender (`PublisherClient`, via `relay_publisher`): if the relay no longer knows
-        this rank (it restarted), rejoin and send a full partition for the relay's next version."""
+        With a relay sender (`PublisherClient`, via `relay_publisher`) every rank learns whether any
+        rank's send failed (one 1-element all-reduce over the data-parallel group per version): if one
+        did (the relay restarted, a reply timed out), all ranks rejoin, agree on the relay's next version
+        and send their whole partitions for it together, so a version never combines different training
+        steps of different ranks. A patch the relay refuses (a bug: bad partition, layout) raises on
+        every rank. A plain sender (`ZmqPatchSender`) raises its own errors."""
         payload, k = self.patch()
+        rejoin = getattr(self.send, "rejoin", None)
+        if rejoin is None:
+            self.send(payload, self.version, self.rank)
+            return {"version": self.version, "sent_bytes": len(payload), "changed_entries": k}
+        from ..exchange.zmq_client import CoordinatorError
+
+        status, error = 0, None  # 0 sent, 1 re-anchor (the relay lost us or a reply), 2 refused
         try:
             self.send(payload, self.version, self.rank)
-        except Exception as e:
-            rejoin = getattr(self.send, "rejoin", None)
-            if rejoin is None or getattr(e, "reason", None) not in ("unknown_worker", "stale"):
-                raise
-            self.start_at(rejoin() - 1)
+        except (TimeoutError, CoordinatorError) as e:
+            error = e
+            status = 1 if isinstance(e, TimeoutError) or e.reason in ("unknown_worker", "stale") else 2
+        worst = self._all_ranks(status, "max")
+        if worst == 2:
+            raise RuntimeError(f"rank {self.rank}: a ZeRO-3 patch for relay version {self.version} was refused "
+                               f"({error or 'on another rank'})")
+        if worst == 1:
+            nxt = rejoin()  # every rank rejoins (clearing its pending patches) before any anchor goes out,
+            if self._all_ranks(nxt, "max") != self._all_ranks(nxt, "min"):  # so all are told the same version
+                raise RuntimeError(f"rank {self.rank}: ranks rejoined the relay at different versions")
+            self.start_at(nxt - 1)
             payload, k = self.patch()
             self.send(payload, self.version, self.rank)
         return {"version": self.version, "sent_bytes": len(payload), "changed_entries": k}
+
+    def _all_ranks(self, value: int, op: str) -> int:
+        """max or min of `value` over the data-parallel group (this rank's value without one)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
+            return value
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        t = torch.tensor([value if op == "max" else -value], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item()) if op == "max" else -int(t.item())
 
 
 def relay_publisher(engine, endpoint: str, worker_id: str | None = None, **client_kw) -> Zero3RolloutPublisher:

@@ -89,13 +89,11 @@ def poll_until(client, version, timeout_s=10):
 def test_rollout_workers_reassemble_the_full_bf16_model_from_partition_patches():
     ranks, m = 3, Model(3)
     with running_coordinator(relay=True, anchor_every=3) as coord:
-        early = rollout(coord.endpoint, "early")  # before any publisher: version 0, all zeros
-        assert early.version == 0 and not early.weights.any()
+        with pytest.raises(CoordinatorError, match="not_ready"):  # no complete version yet
+            rollout(coord.endpoint, "early")
         pubs = publishers(coord.endpoint, ranks)
         for r, p in enumerate(pubs):
             p(m.patch(r), 1, r)
-        poll_until(early, 1)
-        assert torch.equal(early.weights, m.flat())  # version 1 as one patch of every nonzero entry
         a = rollout(coord.endpoint, "rollout-a")  # joins at version 1: a bf16 snapshot
         assert a.version == 1 and torch.equal(a.weights, m.flat())
         for v in range(2, 7):
@@ -110,7 +108,7 @@ def test_rollout_workers_reassemble_the_full_bf16_model_from_partition_patches()
         assert torch.equal(b.weights, m.flat()) and b.hash == a.hash == coord.state.hash
         assert a.updates == 5  # versions 2..6 as patches (anchors at 3 and 6 replace nothing that differs)
         assert coord.relay.published_bytes > 0
-        for c in [*pubs, a, b, early]:
+        for c in [*pubs, a, b]:
             c.close()
 
 
@@ -120,17 +118,15 @@ def test_publishers_that_lie_or_confuse_are_refused_and_the_relay_keeps_serving(
         p0, p1 = publishers(coord.endpoint, ranks)
         lo, hi = m.part("h.0.w", 1)
         p0(m.patch(0, anchor=True), 1, 0)
-        # rank 1's anchor claiming one entry of rank 0's range
-        with pytest.raises(CoordinatorError, match="overlaps"):
-            p1(m.patch(1, anchor=True, **{"h.0.w": SparseDelta(torch.arange(lo - 1, hi), m.t["h.0.w"][lo - 1:hi],
-                                                                 SHAPES["h.0.w"], torch.bfloat16)}), 1, 1)
-        with pytest.raises(CoordinatorError, match="contiguous"):  # an anchor with a hole
-            idx = torch.tensor([lo, lo + 2])
-            p1(m.patch(1, anchor=True, **{"h.0.w": SparseDelta(idx, m.t["h.0.w"][idx], SHAPES["h.0.w"],
-                                                                 torch.bfloat16)}), 1, 1)
-        with pytest.raises(CoordinatorError, match="cover"):  # anchors that leave entries of a tensor unowned
-            short = SparseDelta(torch.arange(lo, hi - 1), m.t["h.0.w"][lo:hi - 1], SHAPES["h.0.w"], torch.bfloat16)
-            p1(m.patch(1, anchor=True, **{"h.0.w": short}), 1, 1)
+        w = m.t["h.0.w"]
+        for bad_idx in (torch.arange(lo - 1, hi), torch.tensor([lo, lo + 2]), torch.arange(lo, hi - 1)):
+            # an anchor over one of rank 0's entries, one with a hole, one that leaves an entry unowned
+            with pytest.raises(CoordinatorError, match=r"must cover exactly its partition \[32, 64\)"):
+                p1(m.patch(1, anchor=True, **{"h.0.w": SparseDelta(bad_idx, w[bad_idx], SHAPES["h.0.w"],
+                                                                     torch.bfloat16)}), 1, 1)
+        with pytest.raises(CoordinatorError, match="relay patches carry bf16 tensors"):
+            p1(m.patch(1, anchor=True, **{"h.0.w": SparseDelta(torch.arange(lo, hi), w[lo:hi].float(),
+                                                                 SHAPES["h.0.w"], torch.float32)}), 1, 1)
         with pytest.raises(CoordinatorError, match="bad_payload"):  # not a codec message
             p1(b"\x00" * 64, 1, 1)
         with pytest.raises(CoordinatorError, match="stale"):  # out of sequence
@@ -144,7 +140,7 @@ def test_publishers_that_lie_or_confuse_are_refused_and_the_relay_keeps_serving(
             PublisherClient(coord.endpoint, "impostor", timeout_s=5).join(FP, NUMEL, 1, ranks)
         with pytest.raises(CoordinatorError, match="ranks=3"):
             PublisherClient(coord.endpoint, "other", timeout_s=5).join(FP, NUMEL, 2, 3)
-        assert coord.state.version == 0  # nothing refused was kept
+        assert coord.state.version == 0 and not coord.relay.by_rank[1].pending  # nothing refused was kept
         p1(m.patch(1, anchor=True), 1, 1)  # the honest anchor still completes version 1
         assert coord.state.version == 1
         m.step()
@@ -152,9 +148,12 @@ def test_publishers_that_lie_or_confuse_are_refused_and_the_relay_keeps_serving(
             lo0, hi0 = m.part("emb.weight", 0)
             p1(m.patch(1, **{"emb.weight": SparseDelta(torch.tensor([lo0]), m.t["emb.weight"][:1],
                                                          SHAPES["emb.weight"], torch.bfloat16)}), 2, 1)
-        m.last.pop(1)  # the refused patch was not applied: resend rank 1's whole partition (always valid)
+        with pytest.raises(CoordinatorError, match="outside its partition"):  # past its range's end
+            p0(m.patch(0, **{"head.w": SparseDelta(torch.tensor([m.part("head.w", 1)[0]]), m.t["head.w"][:1],
+                                                     SHAPES["head.w"], torch.bfloat16)}), 2, 0)
+        m.last.clear()  # the refused patches were not applied: resend whole partitions (always valid)
+        p0(m.patch(0, anchor=True), 2, 0)
         p1(m.patch(1, anchor=True), 2, 1)
-        p0(m.patch(0), 2, 0)
         r = rollout(coord.endpoint, "rollout")
         assert r.version == 2 and torch.equal(r.weights, m.flat())
         for c in (p0, p1, r):
@@ -226,3 +225,118 @@ def test_a_rank_that_sent_its_last_patch_and_left_still_counts():
         assert torch.equal(r.weights, m.flat())
         for c in (p1, r):
             c.close()
+
+
+def test_a_stray_join_cannot_lock_the_real_job_out_and_the_model_size_is_capped():
+    """What the first publisher fixes (world size, fingerprint, numel) is forgotten when every publisher left
+    before version 1; an absurd numel is refused before anything is allocated."""
+    with running_coordinator(relay=True, relay_max_numel=10 * NUMEL) as coord:
+        with pytest.raises(CoordinatorError, match="exceeds relay_max_numel"):
+            PublisherClient(coord.endpoint, "huge", timeout_s=5).join(FP, 1 << 40, 0, 2)
+        stray = PublisherClient(coord.endpoint, "stray", timeout_s=5)
+        stray.join("some-other-model", 7, 0, 3)
+        with pytest.raises(CoordinatorError, match="fingerprint"):
+            PublisherClient(coord.endpoint, "zero3-rank0", timeout_s=5).join(FP, NUMEL, 0, 2)
+        stray.close()  # left before any version: forgotten
+        time.sleep(0.2)
+        ranks, m = 2, Model(2, seed=4)
+        pubs = publishers(coord.endpoint, ranks)
+        for r, p in enumerate(pubs):
+            p(m.patch(r), 1, r)
+        r = rollout(coord.endpoint, "rollout")
+        assert torch.equal(r.weights, m.flat())
+        for c in (*pubs, r):
+            c.close()
+
+
+def test_after_a_relay_restart_rollout_workers_are_told_and_reconnect():
+    ranks, m = 2, Model(2, seed=5)
+    with running_coordinator(relay=True) as coord:
+        endpoint = coord.endpoint
+        pubs = publishers(endpoint, ranks)
+        for r, p in enumerate(pubs):
+            p(m.patch(r), 1, r)
+        ro = rollout(endpoint, "rollout")
+        for p in pubs:
+            p.close()
+    with running_coordinator(relay=True, bind=endpoint) as coord:  # the same address, a fresh relay
+        with pytest.raises(CoordinatorError, match="unknown_worker"):
+            for _ in range(50):  # its heartbeats are answered unknown_worker
+                ro.poll(0.1)
+        pubs = publishers(endpoint, ranks)
+        m.last.clear()
+        m.step()
+        for r, p in enumerate(pubs):  # the ranks re-anchor
+            p(m.patch(r), 1, r)
+        ro.connect()
+        assert ro.version == 1 and torch.equal(ro.weights, m.flat())
+        for c in (*pubs, ro):
+            c.close()
+
+
+class _Flaky:
+    """A PublisherClient whose send fails once, without sending (a timed-out reply, a dead link)."""
+
+    def __init__(self, client):
+        self.client, self.fail_next = client, False
+
+    def __call__(self, payload, version, rank):
+        if self.fail_next:
+            self.fail_next = False
+            raise TimeoutError("simulated: no reply")
+        return self.client(payload, version, rank)
+
+    def rejoin(self):
+        return self.client.rejoin()
+
+
+def _fake_zero3_publisher(m: Model, rank: int, client):
+    """Zero3RolloutPublisher over stand-ins for ZeRO-3 parameters (ds_tensor: the padded partition of m)."""
+    from types import SimpleNamespace
+
+    from sparsecomm.integrations.deepspeed import Zero3RolloutPublisher
+
+    params = []
+    for name, shape in SHAPES.items():
+        n, part = math.prod(shape), math.ceil(math.prod(shape) / m.ranks)
+
+        def detach(name=name, n=n, part=part):
+            buf = torch.zeros(part, dtype=torch.bfloat16)
+            lo, hi = m.part(name, rank)
+            buf[:hi - lo] = m.t[name][lo:hi]
+            return buf
+
+        params.append((name, SimpleNamespace(ds_numel=n, ds_shape=shape, ds_tensor=SimpleNamespace(ds_numel=part,
+                                                                                                      detach=detach))))
+    module = SimpleNamespace(named_parameters=lambda: iter(params))
+    engine = SimpleNamespace(zero_optimization_partition_weights=lambda: True, data_parallel_group=None, module=module)
+    return Zero3RolloutPublisher(engine, client)
+
+
+def _flaky_rank_worker(rank, world, endpoint):
+    """Both ranks publish 5 steps of the same model; rank 1's send of step 2 fails once."""
+    m = Model(world, seed=6)
+    client = PublisherClient(endpoint, f"zero3-rank{rank}", timeout_s=30, heartbeat_s=0.1)
+    pub = _fake_zero3_publisher(m, rank, _Flaky(client))
+    pub.start_at(client.join(FP, NUMEL, rank, world) - 1)
+    versions = []
+    for step in range(1, 6):
+        m.step()
+        pub.send.fail_next = rank == 1 and step == 2
+        versions.append(pub.publish()["version"])
+    client.close()
+    return {"versions": versions, "final": m.flat()}
+
+
+def test_a_failed_send_re_anchors_every_rank_together(tmp_path):
+    """One rank's send fails (its reply timed out): every rank learns it (an all-reduce over the group),
+    all rejoin and send their whole partitions for the same version, so no version mixes the ranks'
+    training steps (it did: the failed rank re-anchored alone, one step ahead of the others, for good)."""
+    from tests.distributed.helpers import run_workers
+
+    with running_coordinator(relay=True) as coord:
+        out = run_workers(_flaky_rank_worker, 2, tmp_path, coord.endpoint)
+        assert out[0]["versions"] == out[1]["versions"] == [1, 2, 3, 4, 5]
+        r = rollout(coord.endpoint, "rollout")
+        assert r.version == 5 and torch.equal(r.weights, out[0]["final"])  # the model after step 5, whole
+        r.close()

@@ -19,12 +19,12 @@ from sparsecomm.integrations import deepspeed as sds  # noqa: E402
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every rank's results; the ZeRO-3 patches the ranks pushed to this process (a direct subscriber);
-    and what rollout workers of a relay coordinator (running here) held: one that joined at version 1
-    and followed every version, one that joined at the end (a snapshot)."""
+    and what rollout workers of a relay coordinator (running here) held: one that joined as soon as
+    version 1 existed and followed every version, one that joined at the end (a snapshot)."""
     import zmq
 
     from sparsecomm.exchange.coordinator.relay import layout_fingerprint
-    from sparsecomm.exchange.zmq_client import RolloutClient
+    from sparsecomm.exchange.zmq_client import CoordinatorError, RolloutClient
     from tests.distributed.helpers import run_workers
     from tests.integration.coordinator_helpers import running_coordinator
     from tests.integration.deepspeed_worker import STEPS, run_all, tiny_model
@@ -37,24 +37,33 @@ def results(tmp_path_factory):
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     follower: dict = {}
 
-    def follow(c):  # a rollout worker from the start (version 0, zeros): applies every version
+    def follow(endpoint):  # a rollout worker from the start: joins once version 1 exists, applies every version
         try:
             deadline = time.monotonic() + 300  # bounded: a stalled relay fails the test, it does not hang it
+            while True:
+                c = RolloutClient(endpoint, "rollout-early", fp, numel, timeout_s=60, heartbeat_s=0.2)
+                try:
+                    c.connect()
+                    break
+                except CoordinatorError as e:
+                    c.close()
+                    if e.reason != "not_ready" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            follower["joined_at"] = c.version
             while c.version < STEPS + 1 and time.monotonic() < deadline:
                 c.poll(1.0)
             follower.update(weights=c.weights.clone(), updates=c.updates, hash=c.hash)
+            c.close()
         except BaseException as e:
             follower["error"] = e
 
     try:
         with running_coordinator(relay=True) as coord:
-            early = RolloutClient(coord.endpoint, "rollout-early", fp, numel, timeout_s=60, heartbeat_s=0.2)
-            early.connect()  # its socket is used by the follower thread only from here on
-            t = threading.Thread(target=follow, args=(early,), daemon=True)
+            t = threading.Thread(target=follow, args=(coord.endpoint,), daemon=True)
             t.start()
             out = run_workers(run_all, 2, d, str(d / "ckpt"), f"tcp://127.0.0.1:{port}", coord.endpoint)
             t.join(330)
-            early.close()
             late = RolloutClient(coord.endpoint, "rollout-late", fp, numel, timeout_s=30)
             late.connect()
             follower["late"] = late.weights.clone()
@@ -207,9 +216,9 @@ def test_zero3_rollout_sync_reassembles_the_gathered_bf16_model(results):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero3_rollout_sync_through_the_relay_coordinator(results):
-    """The same patches through `sparsecomm coordinator --relay`: a rollout worker that joined before the
-    ranks and followed every version and one that joined at the end (a bf16 snapshot) both hold the
-    gathered bf16 model, bit for bit."""
+    """The same patches through `sparsecomm coordinator --relay`: a rollout worker that joined as soon as
+    version 1 existed and followed every version and one that joined at the end (a bf16 snapshot) both
+    hold the gathered bf16 model, bit for bit."""
     ranks, _, follower = results
     assert "error" not in follower, follower.get("error")
     z = [r["zero3"] for r in ranks]
@@ -217,7 +226,7 @@ def test_zero3_rollout_sync_through_the_relay_coordinator(results):
     relay = follower["relay"]
     assert relay["version"] == len(z[0]["relayed"]) and [s["version"] for s in z[0]["relayed"]] == \
         list(range(1, relay["version"] + 1))
-    assert follower["updates"] == relay["version"]  # joined at version 0, then one patch per version
+    assert follower["updates"] == relay["version"] - follower["joined_at"]  # then one patch per version
     assert torch.equal(follower["weights"], ref) and follower["hash"] == relay["hash"]
     assert torch.equal(follower["late"], ref)
     for r in z:  # a rank sends the relay what it sends a direct subscriber: the same patches

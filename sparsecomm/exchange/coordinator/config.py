@@ -52,6 +52,8 @@ class CoordinatorConfig:
     relay: bool = _f(False, "relay mode: assemble ZeRO-3 ranks' partition patches (role publisher) into versions "
                             "for rollout workers, instead of aggregating trainers' deltas (coordinator/relay.py)")
     relay_max_ahead: int = _f(4, "relay mode: versions a publisher may run ahead of the slowest rank")
+    relay_max_numel: int = _f(1 << 34, "relay mode: the largest model (entries) a publisher may announce; the relay "
+                                       "holds a bf16 copy of it (2 B per entry)")
     checkpoint_dir: str | None = _f(None, "directory for the checkpoint and the round journal (None: no durability)")
     checkpoint_every: int = _f(10, "rounds between full checkpoints")
     journal: bool = _f(True, "append every aggregate to CHECKPOINT_DIR/journal.bin before sending it, so a "
@@ -82,8 +84,9 @@ class CoordinatorConfig:
             raise ValueError(f"resparsify_density must be in [0, 1), got {self.resparsify_density}")
         if self.relay and self.checkpoint_dir:
             raise ValueError("relay mode keeps no checkpoint (publishers re-anchor after a restart): drop checkpoint_dir")
-        if self.relay_max_ahead < 1:
-            raise ValueError(f"relay_max_ahead must be >= 1, got {self.relay_max_ahead}")
+        if self.relay_max_ahead < 1 or self.relay_max_numel < 1:
+            raise ValueError(f"relay_max_ahead and relay_max_numel must be >= 1, got {self.relay_max_ahead}, "
+                             f"{self.relay_max_numel}")
         if (self.curve_secret_key is None) != (self.allow_keys is None):
             raise ValueError("CURVE needs both curve_secret_key and allow_keys")
         if self.max_messages_per_poll < 1 or self.peer_error_burst < 1 or self.peer_error_rate_per_s <= 0:

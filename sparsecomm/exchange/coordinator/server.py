@@ -259,10 +259,13 @@ class Coordinator:
         version = hfield(h, "version", int, 0, 1 << 62)
         chain_hash = hfield(h, "hash", str, allow_empty=True)  # empty: a worker with no chain yet
         st = self.state
+        if self.relay is not None or role == "publisher":  # the relay checks fingerprints itself (publishers fix them)
+            if role == "rollout" and st.fingerprint is not None and (fp != st.fingerprint or numel != st.numel):
+                raise ProtocolError("fingerprint", f"model fingerprint {fp}/{numel} differs from "
+                                                   f"{st.fingerprint}/{st.numel}")
+            return self._join_relay(identity, h, worker, role, fp, numel)
         if st.fingerprint is not None and (fp != st.fingerprint or numel != st.numel):
             raise ProtocolError("fingerprint", f"model fingerprint {fp}/{numel} differs from {st.fingerprint}/{st.numel}")
-        if self.relay is not None or role == "publisher":
-            return self._join_relay(identity, h, worker, role, fp, numel)
         old = self.peers.get(worker)
         if old is not None and old.identity != identity:
             self.rounds.drop(worker)  # a rejoin from a new connection: the old one is gone, it will re-push
@@ -292,17 +295,22 @@ class Coordinator:
         self._update_alive()
 
     def _join_relay(self, identity, h, worker: str, role: str, fp: str, numel: int) -> None:
-        """Relay mode's members: ZeRO-3 publishers and rollout workers, in any order."""
+        """Relay mode's members: ZeRO-3 publishers (they fix the model) and, once version 1 exists, rollout workers."""
         st = self.state
         if self.relay is None:
             raise ProtocolError("bad_field", "role 'publisher' needs a relay coordinator (sparsecomm coordinator --relay)")
         if role == "trainer":
             raise ProtocolError("bad_field", "this coordinator relays ZeRO-3 patches (--relay): trainers push to a "
                                              "training coordinator")
-        extra = self.relay.join(worker, h) if role == "publisher" else {}
-        if st.fingerprint is None:
-            st.fingerprint, st.numel = fp, numel
-            self.relay.start()
+        if role == "publisher":
+            extra = self.relay.join(worker, h, fp, numel)
+        elif st.version == 0:
+            raise ProtocolError("not_ready", "the relay has no complete version yet (waiting for every rank's anchor)")
+        else:
+            extra = {}
+        old = self.peers.get(worker)
+        if old is not None and old.role == "publisher" and role != "publisher":
+            self.relay.drop(worker)  # a publisher's id rejoining as something else gives up its rank
         self.peers[worker] = Peer(identity, role, time.monotonic(), st.version, False)
         self.send(identity, pack("welcome", version=st.version, hash=st.hash, round=0, numel=st.numel, req=self._req,
                                  need_init=False, need_sync=False, need_snapshot=role == "rollout", **extra))

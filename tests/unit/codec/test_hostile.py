@@ -3,6 +3,7 @@ import struct
 import zlib
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -80,6 +81,19 @@ def test_nan_values_from_a_peer_are_refused():
     body = struct.pack("<2I", 3, 7) + struct.pack("<2f", 1.0, float("nan"))
     with pytest.raises(CodecError, match="NaN"):
         decode(msg([entry()], body))
+
+
+def test_values_that_overflow_the_declared_dtype_are_refused():
+    """A finite fp32 value in a tensor declared bf16 (or fp16) that rounds to infinity there, and an int8
+    block whose scale x 127 overflows: refused, not decoded into inf (the ZeRO-3 relay stored one once)."""
+    body = struct.pack("<2I", 3, 7) + struct.pack("<2f", 1.0, 3.4e38)
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(CodecError, match="NaN or infinity"):
+            decode(msg([entry(dtype=dtype)], body))
+    assert decode(msg([entry()], body)).values[1] == torch.tensor(3.4e38)  # fine as fp32
+    int8 = struct.pack("<2I", 3, 7) + struct.pack("<2b", 1, 127)
+    with pytest.raises(CodecError, match="NaN or infinity"):
+        decode(msg([entry(vc="int8", vp={"scale": float(np.float32(3.0e38))}, vb=2)], int8))
 
 
 def test_rice_unary_stream_cannot_claim_huge_quotients():

@@ -53,10 +53,11 @@ NOISE_REWARD = 0.064  # aspg-1% final reward, std over 5 seeds (benchmarks/resul
 @contextmanager
 def relay_and_rollout(hidden: int, layers: int):
     """A relay coordinator (thread) and a rollout worker following it (thread) from version 0; yields
-    (endpoint, what the rollout worker saw: {"versions": [(version, received bytes)], "weights"})."""
+    (endpoint, what the rollout worker saw: {"versions": [(version, received bytes)], "weights"}); it joins as
+    soon as version 1 exists (its snapshot is not counted as a version's bytes)."""
     from sparsecomm.exchange import Coordinator, CoordinatorConfig
     from sparsecomm.exchange.coordinator.relay import layout_fingerprint
-    from sparsecomm.exchange.zmq_client import RolloutClient
+    from sparsecomm.exchange.zmq_client import CoordinatorError, RolloutClient
 
     from deepspeed_worker import model_of
 
@@ -69,12 +70,20 @@ def relay_and_rollout(hidden: int, layers: int):
     client = RolloutClient(coord.endpoint, "rollout-0", fp, numel, timeout_s=60)
 
     def follow():
-        client.connect()
+        while True:  # rollout workers join once version 1 (every rank's anchor) exists
+            try:
+                client.connect()
+                break
+            except CoordinatorError as e:
+                if e.reason != "not_ready" or stop.is_set():
+                    raise
+                time.sleep(0.05)
+        joined_at = client.version
         while not stop.is_set():
             before = client.conn.recv_bytes
             if client.poll(0.2):
                 seen["versions"].append((client.version, client.conn.recv_bytes - before))
-        seen["weights"] = client.weights.clone()
+        seen["weights"], seen["joined_at"], seen["version"] = client.weights.clone(), joined_at, client.version
         client.close()
 
     following = threading.Thread(target=follow, daemon=True)
@@ -102,6 +111,7 @@ def run_world(P: int, hidden: int, layers: int, steps: int, density: float, port
         if r["mode"] == "deepspeed_dense" and r["stage"] == 3:  # the relay run: what its rollout worker saw
             later = [b for v, b in seen["versions"] if v > 1]  # version 1 carries the whole model (the anchor)
             r["rollout_versions"] = [v for v, _ in seen["versions"]]
+            r["rollout_joined_at"], r["rollout_final_version"] = seen["joined_at"], seen["version"]
             r["rollout_bytes_per_version"] = sum(later) / max(1, len(later))
             r["rollout_equals_gathered"] = (hashlib.sha256(seen["weights"].view(torch.int16).numpy().tobytes())
                                             .hexdigest() == r["gathered_bf16_sha256"])
@@ -182,7 +192,9 @@ def render(rows: list[dict], demo: list[dict]) -> tuple[str, list[str]]:
     for r in rows:
         if r["stage"] == 3 and r["mode"] == "deepspeed_dense" and "rollout_equals_gathered" in r:
             verdicts.append(f"P={r['world']} ZeRO-3 rollout sync through the relay coordinator: the rollout worker's bf16 "
-                            f"copy after {len(r['rollout_versions'])} versions equals the gathered model bit for bit: "
+                            f"copy at version {r.get('rollout_final_version', len(r['rollout_versions']))} (joined at "
+                            f"{r.get('rollout_joined_at', 0)}, then one message per version) equals the gathered "
+                            "model bit for bit: "
                             + ("PASS" if r["rollout_equals_gathered"] else "FAIL"))
     md += ["## ZeRO-3 rollout sync (shard-local, no gather), through the relay coordinator\n",
            "Per rank and version (a version = one optimizer step; the anchor, version 1, is not in the means): the "

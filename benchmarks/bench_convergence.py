@@ -35,6 +35,9 @@ sparsecomm.research.stats; `pip install -e '.[research]'`).
         --name convergence_bf16                      # pure bf16 with and without fp32 master weights
     python benchmarks/bench_convergence.py --methods dense,fsdp2-native,fsdp2-1% --seeds 60-62 --name convergence_fsdp2
                                                      # FSDP2 HSDP (4 ranks): native vs the sparse hook (plan: results file)
+    python benchmarks/bench_convergence.py --methods ds2-dense,ds2-hook-1%,ds2-hook-1%-params-1% --seeds 80-84 \
+        --name convergence_deepspeed                 # DeepSpeed ZeRO-2: the reward cost of param_density (no
+                                                     # `dense` run: the first method, ds2-dense, is the reference)
     python benchmarks/bench_convergence.py --quick   # 2 methods x 2 seeds x 100 steps
 """
 from __future__ import annotations

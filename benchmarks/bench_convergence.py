@@ -182,10 +182,10 @@ def render(rows: list[dict], seeds: list[int], steps: int, name: str = "converge
     if {"ds2-hook-1%", "ds2-hook-1%-params-1%"} <= names:
         md.append("\nReward verdicts: the pre-registered non-inferiority tests (results/convergence_deepspeed_plan.md, "
                   "margin -0.05, paired by seed), in the sections appended below by benchmarks/noninferiority.py.\n")
-        md.append("\n`ds2-hook-1%`'s bytes are the compressed gradient reduction's only: DeepSpeed's dense all-gather "
-                  "of the updated partitions ((P-1)/P x 4 B per parameter per step) is not counted in that row; "
-                  "`ds2-hook-1%-params-1%` sends that all-gather sparsely too and counts both; `ds2-dense` is the ring "
-                  "formula of DeepSpeed's reduce-scatter + all-gather.\n")
+        md.append("\n`ds2-hook-1%`'s bytes are the compressed gradient reduction's plus DeepSpeed's dense all-gather "
+                  "of the updated partitions ((P-1)/P x 4 B per parameter per step, a formula: "
+                  "`comm/deepspeed_allgather_bytes`); `ds2-hook-1%-params-1%` sends that all-gather sparsely and counts "
+                  "both; `ds2-dense` is the ring formula of DeepSpeed's reduce-scatter + all-gather.\n")
     md.append("\n## targets\n\n" + table(["target", "measured", "result"], [[t, m, "PASS" if ok else "FAIL"] for t, ok, m in targets]))
     md.append(f"\n{len(seeds)} seeds on a 0.1M-parameter model and one task: a check of the pipeline and of the order of magnitude, "
               f"not a general claim about 1% density.\n\n![{name}]({name}.png)\n")

@@ -57,7 +57,7 @@ def relay_and_rollout(hidden: int, layers: int):
     soon as version 1 exists (its snapshot is not counted as a version's bytes)."""
     from sparsecomm.exchange import Coordinator, CoordinatorConfig
     from sparsecomm.exchange.coordinator.relay import layout_fingerprint
-    from sparsecomm.exchange.zmq_client import CoordinatorError, RolloutClient
+    from sparsecomm.exchange.zmq_client import RolloutClient
 
     from deepspeed_worker import model_of
 
@@ -70,14 +70,7 @@ def relay_and_rollout(hidden: int, layers: int):
     client = RolloutClient(coord.endpoint, "rollout-0", fp, numel, timeout_s=60)
 
     def follow():
-        while True:  # rollout workers join once version 1 (every rank's anchor) exists
-            try:
-                client.connect()
-                break
-            except CoordinatorError as e:
-                if e.reason != "not_ready" or stop.is_set():
-                    raise
-                time.sleep(0.05)
+        client.connect(wait_s=600)  # rollout workers join once version 1 (every rank's anchor) exists
         joined_at = client.version
         while not stop.is_set():
             before = client.conn.recv_bytes

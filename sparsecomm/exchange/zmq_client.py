@@ -494,9 +494,19 @@ class RolloutClient:
         self.version, self.hash, self.updates = -1, "", 0
         self._anchor: tuple | None = None  # (version, buffer, chunks.Assembler) of an anchor in flight
 
-    def connect(self) -> None:
-        self.conn.send("join", role="rollout", fingerprint=self.fingerprint, numel=self.numel, version=0, hash="")
-        h, _ = self.conn.recv()
+    def connect(self, wait_s: float = 0.0) -> None:
+        """Join and take a snapshot. `wait_s`: keep asking that long while the coordinator has no weights
+        yet (`not_ready`: a relay before every rank's first patch, a training coordinator before W0)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.conn.send("join", role="rollout", fingerprint=self.fingerprint, numel=self.numel, version=0, hash="")
+            try:
+                h, _ = self.conn.recv()
+                break
+            except CoordinatorError as e:
+                if e.reason != "not_ready" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         if h["op"] != "welcome":
             raise CoordinatorError("protocol", f"expected welcome, got {h['op']!r}")
         self.conn.send("snapshot")
@@ -554,15 +564,14 @@ class PublisherClient:
     Each patch waits for its `ack`, so a refusal (bad partition, layout, sequence) is raised at the
     rank that caused it, and a rank that runs `relay_max_ahead` versions ahead of the slowest one
     waits (`not_ready` is retried with a back-off up to `timeout_s`) instead of growing the relay's
-    memory. After `join` the relay's next version is `next_version`; if the relay no longer knows
-    us (it restarted), `send` raises `CoordinatorError("unknown_worker")`: rejoin and re-anchor.
+    memory. `join` returns the relay's next version; if the relay no longer knows us (it restarted),
+    `send` raises `CoordinatorError("unknown_worker")`: rejoin and re-anchor.
     """
 
     def __init__(self, endpoint: str, worker_id: str, timeout_s: float = 60.0, heartbeat_s: float = 1.0,
                  curve: tuple[str, str] | None = None, context: zmq.Context | None = None):
         self.conn = _Connection(endpoint, worker_id, "publisher", timeout_s, heartbeat_s, curve, context)
         self.conn.unsolicited_errors = ("unknown_worker",)
-        self.next_version = 1
         self.timeout_s = timeout_s
 
     def join(self, fingerprint: str, numel: int, rank: int, ranks: int) -> int:
@@ -573,16 +582,11 @@ class PublisherClient:
         h, _ = self.conn.recv()
         if h["op"] != "welcome":
             raise CoordinatorError("protocol", f"expected welcome, got {h['op']!r}")
-        self.next_version = int(h["next_version"])
-        return self.next_version
+        return int(h["next_version"])
 
     def rejoin(self) -> int:
         """Join again as before (the relay restarted or dropped us); returns its next version."""
         return self.join(*self._joined_as)
-
-    @property
-    def sent_bytes(self) -> int:
-        return self.conn.sent_bytes
 
     def __call__(self, payload: bytes, version: int, rank: int) -> None:
         deadline, backoff = time.monotonic() + self.timeout_s, 0.01
@@ -598,7 +602,6 @@ class PublisherClient:
                 continue
             if h["op"] != "ack" or h.get("version") != version:
                 raise CoordinatorError("protocol", f"expected the ack of patch {version}, got {h}")
-            self.next_version = version + 1
             return
 
     def close(self) -> None:

@@ -79,6 +79,15 @@ def rollout(endpoint, name):
     return c
 
 
+def assert_late_joiner_holds(endpoint, flat, version, *close):
+    """A rollout worker joining now gets exactly `flat` at `version` (a bf16 snapshot); then every client
+    in `close` and it are closed."""
+    r = rollout(endpoint, "rollout")
+    assert r.version == version and torch.equal(r.weights, flat)
+    for c in (*close, r):
+        c.close()
+
+
 def poll_until(client, version, timeout_s=10):
     deadline = time.monotonic() + timeout_s
     while client.version < version:
@@ -154,10 +163,7 @@ def test_publishers_that_lie_or_confuse_are_refused_and_the_relay_keeps_serving(
         m.last.clear()  # the refused patches were not applied: resend whole partitions (always valid)
         p0(m.patch(0, anchor=True), 2, 0)
         p1(m.patch(1, anchor=True), 2, 1)
-        r = rollout(coord.endpoint, "rollout")
-        assert r.version == 2 and torch.equal(r.weights, m.flat())
-        for c in (p0, p1, r):
-            c.close()
+        assert_late_joiner_holds(coord.endpoint, m.flat(), 2, p0, p1)
 
 
 def test_a_fast_rank_waits_for_a_slow_one_and_a_restarted_rank_re_anchors():
@@ -189,10 +195,7 @@ def test_a_fast_rank_waits_for_a_slow_one_and_a_restarted_rank_re_anchors():
         m.step()
         p0(m.patch(0), 4, 0)
         p1(m.patch(1, anchor=True), 4, 1)
-        r = rollout(coord.endpoint, "rollout")
-        assert r.version == 4 and torch.equal(r.weights, m.flat())
-        for c in (p0, p1, r):
-            c.close()
+        assert_late_joiner_holds(coord.endpoint, m.flat(), 4, p0, p1)
 
 
 def test_relay_mode_refuses_what_does_not_belong_to_it():
@@ -221,10 +224,7 @@ def test_a_rank_that_sent_its_last_patch_and_left_still_counts():
         time.sleep(0.2)
         p1(m.patch(1), 1, 1)
         assert coord.state.version == 1
-        r = rollout(coord.endpoint, "rollout")
-        assert torch.equal(r.weights, m.flat())
-        for c in (p1, r):
-            c.close()
+        assert_late_joiner_holds(coord.endpoint, m.flat(), 1, p1)
 
 
 def test_a_stray_join_cannot_lock_the_real_job_out_and_the_model_size_is_capped():
@@ -243,10 +243,7 @@ def test_a_stray_join_cannot_lock_the_real_job_out_and_the_model_size_is_capped(
         pubs = publishers(coord.endpoint, ranks)
         for r, p in enumerate(pubs):
             p(m.patch(r), 1, r)
-        r = rollout(coord.endpoint, "rollout")
-        assert torch.equal(r.weights, m.flat())
-        for c in (*pubs, r):
-            c.close()
+        assert_late_joiner_holds(coord.endpoint, m.flat(), 1, *pubs)
 
 
 def test_after_a_relay_restart_rollout_workers_are_told_and_reconnect():
@@ -337,6 +334,4 @@ def test_a_failed_send_re_anchors_every_rank_together(tmp_path):
     with running_coordinator(relay=True) as coord:
         out = run_workers(_flaky_rank_worker, 2, tmp_path, coord.endpoint)
         assert out[0]["versions"] == out[1]["versions"] == [1, 2, 3, 4, 5]
-        r = rollout(coord.endpoint, "rollout")
-        assert r.version == 5 and torch.equal(r.weights, out[0]["final"])  # the model after step 5, whole
-        r.close()
+        assert_late_joiner_holds(coord.endpoint, out[0]["final"], 5)  # the model after step 5, whole

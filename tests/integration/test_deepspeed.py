@@ -24,7 +24,7 @@ def results(tmp_path_factory):
     import zmq
 
     from sparsecomm.exchange.coordinator.relay import layout_fingerprint
-    from sparsecomm.exchange.zmq_client import CoordinatorError, RolloutClient
+    from sparsecomm.exchange.zmq_client import RolloutClient
     from tests.distributed.helpers import run_workers
     from tests.integration.coordinator_helpers import running_coordinator
     from tests.integration.deepspeed_worker import STEPS, run_all, tiny_model
@@ -40,16 +40,8 @@ def results(tmp_path_factory):
     def follow(endpoint):  # a rollout worker from the start: joins once version 1 exists, applies every version
         try:
             deadline = time.monotonic() + 300  # bounded: a stalled relay fails the test, it does not hang it
-            while True:
-                c = RolloutClient(endpoint, "rollout-early", fp, numel, timeout_s=60, heartbeat_s=0.2)
-                try:
-                    c.connect()
-                    break
-                except CoordinatorError as e:
-                    c.close()
-                    if e.reason != "not_ready" or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            c = RolloutClient(endpoint, "rollout-early", fp, numel, timeout_s=60, heartbeat_s=0.2)
+            c.connect(wait_s=300)  # as soon as version 1 exists
             follower["joined_at"] = c.version
             while c.version < STEPS + 1 and time.monotonic() < deadline:
                 c.poll(1.0)

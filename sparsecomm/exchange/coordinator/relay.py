@@ -50,7 +50,7 @@ import torch
 from ...codec import CodecError, Limits, decode_model, encode
 from ...delta import SparseDelta
 from ..protocol import ProtocolError, chain, field as hfield, pack
-from .rollout import send_tensor
+from .rollout import send_tensor, send_version
 from .state import State
 
 
@@ -80,8 +80,9 @@ def partition(numel: int, ranks: int, rank: int) -> tuple[int, int]:
 class PatchRelay:
     """The relay's state and its two requests: a publisher's join and its patch."""
 
-    def __init__(self, cfg, state: State, metrics, send):
+    def __init__(self, cfg, state: State, metrics, send, rollout_peers):
         self.cfg, self.state, self.metrics, self.send = cfg, state, metrics, send
+        self.rollout_peers = rollout_peers  # () -> the server's in-sync rollout peers
         self.limits = Limits(max_header_bytes=1 << 20, max_tensors=1 << 14, max_ndim=8, max_name_chars=256,
                              max_body_bytes=cfg.max_frame_bytes)
         self.published_bytes = 0
@@ -101,16 +102,14 @@ class PatchRelay:
 
     # ------------------------------------------------------------------ membership
     def join(self, worker: str, h: dict, fingerprint: str, numel: int) -> dict:
-        """A publisher joins (or rejoins): the first one fixes world size, fingerprint and numel; returns
-        welcome fields. Nothing is allocated here (the bf16 copy is, once the first patch's layout matches)."""
+        """A publisher joins (or rejoins): the first one fixes world size, fingerprint and numel (the server
+        has checked them against what is fixed); returns welcome fields. Nothing is allocated here (the bf16
+        copy is, once the first patch's layout matches)."""
         ranks = hfield(h, "ranks", int, 1, 1 << 16)
         rank = hfield(h, "rank", int, 0, ranks - 1)
         if numel > self.cfg.relay_max_numel:
             raise ProtocolError("value_out_of_range", f"numel {numel} exceeds relay_max_numel {self.cfg.relay_max_numel}")
         st = self.state
-        if st.fingerprint is not None and (fingerprint != st.fingerprint or numel != st.numel):
-            raise ProtocolError("fingerprint", f"model fingerprint {fingerprint}/{numel} differs from "
-                                               f"{st.fingerprint}/{st.numel}")
         if self.ranks is not None and ranks != self.ranks:
             raise ProtocolError("bad_field", f"ranks={ranks}, but this relay assembles versions from {self.ranks} ranks")
         other = next((w for w, r in self.rank_of.items() if r == rank and w != worker), None)
@@ -242,16 +241,8 @@ class PatchRelay:
     def _publish(self, payload: bytes) -> None:
         st = self.state
         header = pack("rollout", version=st.version, hash=st.hash, kind="bf16_values", decay=[])
-        anchor = self.cfg.anchor_every and st.version % self.cfg.anchor_every == 0
-        for p in self.rollout_peers():
-            self.send(p.identity, header, payload)
-            self.published_bytes += len(header) + len(payload)
-            if anchor:
-                self.send_snapshot(p.identity, "anchor")
-            p.version = st.version
-
-    def rollout_peers(self):  # set by the server: its in-sync rollout peers
-        return []
+        self.published_bytes += send_version(self.send, self.rollout_peers(), st.version, header, payload,
+                                             self.cfg.anchor_every, lambda identity: self.send_snapshot(identity, "anchor"))
 
     def send_snapshot(self, identity: bytes, op: str = "snapshot") -> None:
         if self.state.version == 0:

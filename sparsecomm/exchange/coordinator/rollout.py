@@ -56,17 +56,24 @@ class RolloutPublisher:
         else:
             payload, kind = encode(applied, "auto", self.cfg.value_codec), "delta"
         header = pack("rollout", version=st.version, hash=st.hash, kind=kind, decay=decay_wire(decay))
-        anchor = self.cfg.anchor_every and st.version % self.cfg.anchor_every == 0
-        for p in peers:
-            self.send(p.identity, header, payload)
-            if anchor:
-                self.send_anchor(p.identity)
-            p.version = st.version
+        send_version(self.send, peers, st.version, header, payload, self.cfg.anchor_every, self.send_anchor)
 
     def send_anchor(self, identity: bytes) -> None:
         src = self.bf16_view if self.cfg.rollout_bf16 else self.state.weights
         send_tensor(self.send, identity, "anchor", self.state, src,
                     dtype="bfloat16" if src.dtype == torch.bfloat16 else "float32")
+
+
+def send_version(send, peers, version: int, header: bytes, payload: bytes, anchor_every: int, send_anchor) -> int:
+    """One version's `rollout` message to every peer (and `send_anchor(identity)` every `anchor_every`
+    versions); marks the peers at `version`. Returns the rollout bytes sent (anchors not included)."""
+    anchor = anchor_every and version % anchor_every == 0
+    for p in peers:
+        send(p.identity, header, payload)
+        if anchor:
+            send_anchor(p.identity)
+        p.version = version
+    return len(peers) * (len(header) + len(payload))
 
 
 def send_tensor(send, identity: bytes, op: str, state: State, tensor: torch.Tensor, **fields) -> None:

@@ -99,9 +99,7 @@ class Coordinator:
         self._rate_limited = self.metrics.rejected.labels(reason="rate_limited")
         self.rounds = Rounds(cfg, self.state, self.metrics)
         self.rollout = RolloutPublisher(cfg, self.state, self.send)
-        self.relay = PatchRelay(cfg, self.state, self.metrics, self.send) if cfg.relay else None
-        if self.relay is not None:
-            self.relay.rollout_peers = lambda: [p for p in self.peers.values() if p.role == "rollout" and p.in_sync]
+        self.relay = PatchRelay(cfg, self.state, self.metrics, self.send, self.rollout_peers) if cfg.relay else None
         self.budget = ErrorBudget(cfg.peer_error_rate_per_s, cfg.peer_error_burst)
         self.journal = Journal(cfg.checkpoint_dir, cfg.journal_fsync) if cfg.checkpoint_dir and cfg.journal else None
         self._last_prune = time.monotonic()
@@ -259,13 +257,10 @@ class Coordinator:
         version = hfield(h, "version", int, 0, 1 << 62)
         chain_hash = hfield(h, "hash", str, allow_empty=True)  # empty: a worker with no chain yet
         st = self.state
-        if self.relay is not None or role == "publisher":  # the relay checks fingerprints itself (publishers fix them)
-            if role == "rollout" and st.fingerprint is not None and (fp != st.fingerprint or numel != st.numel):
-                raise ProtocolError("fingerprint", f"model fingerprint {fp}/{numel} differs from "
-                                                   f"{st.fingerprint}/{st.numel}")
-            return self._join_relay(identity, h, worker, role, fp, numel)
         if st.fingerprint is not None and (fp != st.fingerprint or numel != st.numel):
             raise ProtocolError("fingerprint", f"model fingerprint {fp}/{numel} differs from {st.fingerprint}/{st.numel}")
+        if self.relay is not None or role == "publisher":  # in relay mode publishers fix fingerprint and numel
+            return self._join_relay(identity, h, worker, role, fp, numel)
         old = self.peers.get(worker)
         if old is not None and old.identity != identity:
             self.rounds.drop(worker)  # a rejoin from a new connection: the old one is gone, it will re-push
@@ -413,6 +408,9 @@ class Coordinator:
         if kind == "pending":
             self._maybe_close_round()
 
+    def rollout_peers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == "rollout" and p.in_sync]
+
     def live_trainers(self) -> list[str]:
         return [w for w, p in self.peers.items() if p.role == "trainer" and p.in_sync]
 
@@ -454,6 +452,6 @@ class Coordinator:
             if p.role == "trainer" and p.in_sync:
                 self.send(p.identity, header, agg.payload)
                 p.version = agg.version
-        self.rollout.publish(applied, [p for p in self.peers.values() if p.role == "rollout" and p.in_sync], agg.decay)
+        self.rollout.publish(applied, self.rollout_peers(), agg.decay)
         if self.state.round % self.cfg.checkpoint_every == 0:
             self.checkpoint()
